@@ -1,0 +1,325 @@
+"""The reversible engine.
+
+Training keeps no per-block activations: each ``ReversibleBlock`` runs its coupling under one
+``autograd.Function`` that saves nothing; the blocks of one ``ReversibleSequence`` call share a
+``_Tape`` that holds the current pair of streams during backward. The last block saves its own
+outputs (they are alive anyway); backward walks the tape from there, rebuilding each block's inputs
+from its outputs in place and differentiating every sub-function once (Gomez et al. 2017).
+
+Parameter gradients are returned by the Function, not written into ``.grad``: hooks, gradient
+accumulation, ``torch.autograd.grad``, DDP and FSDP2 see ordinary autograd. Inside backward the
+block's parameters are swapped for detached aliases, so a user's tensor hooks fire exactly once.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from .layers.coupling_layers import BaseCoupling, StepCoupling
+
+POLICIES = ("recompute", "store")
+
+
+class _Tape:
+    """The streams of one sequence call during backward; ``pos`` is the block whose outputs they are."""
+
+    def __init__(self):
+        self.pos: int | None = None
+        self.streams: list[Tensor] | None = None
+        self.owned = [False, False]  # may we overwrite streams[i] in place?
+
+    def load(self, y1: Tensor, y2: Tensor, pos: int) -> None:
+        self.streams, self.owned, self.pos = [y1, y2], [False, False], pos
+
+
+def _rng_state(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def _restored_rng(state, device: torch.device):
+    if state is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
+@contextlib.contextmanager
+def _leaf_aliases(module: nn.Module, params: list[Tensor]):
+    """Swap ``params`` inside ``module`` for detached leaves that share their storage.
+
+    Differentiating through the aliases leaves the real parameters' hooks and ``.grad`` alone;
+    the Function hands the gradients back to autograd, which accumulates them once.
+    """
+    alias = {id(p): p.detach().requires_grad_() for p in params}
+    swapped = []
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None and id(p) in alias:
+                swapped.append((m, name, p))
+                m._parameters[name] = alias[id(p)]
+    try:
+        yield alias
+    finally:
+        for m, name, p in swapped:
+            m._parameters[name] = p
+
+
+def _autocast_state(device_type: str):
+    return (device_type, torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type), torch.is_autocast_cache_enabled())
+
+
+def _autocast(state):
+    device_type, enabled, dtype, cache = state
+    return torch.autocast(device_type=device_type, dtype=dtype, enabled=enabled, cache_enabled=cache)
+
+
+class _ReversibleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, block, slot, kwargs, x1, x2, *params):
+        tape, index, save_outputs, ctx.run_starts = slot
+        ctx.block, ctx.tape, ctx.index, ctx.kwargs, ctx.params = block, tape, index, kwargs, params
+        ctx.device = x1.device
+        ctx.autocast = _autocast_state(x1.device.type)
+        keep_rng = block.preserve_rng_state
+        c = block.coupling
+        if isinstance(c, StepCoupling):
+            s, ctx.rng = [x1, x2], []
+            for fn, src, dst in c.steps():
+                ctx.rng.append(_rng_state(x1.device) if keep_rng else None)
+                s[dst] = c.combine(s[dst], fn(s[src], **kwargs))
+            y1, y2 = s
+        else:
+            ctx.rng = [_rng_state(x1.device) if keep_rng else None]
+            y1, y2 = c(x1, x2, **kwargs)
+        # The last block of a run of recomputing blocks keeps its outputs: they are the run's
+        # outputs, alive anyway (the next stored block or the caller holds them).
+        ctx.loads_tape = save_outputs
+        if save_outputs:
+            ctx.save_for_backward(y1, y2)
+        return y1, y2
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy1, dy2):
+        tape, index = ctx.tape, ctx.index
+        if ctx.loads_tape:
+            tape.load(*ctx.saved_tensors, pos=index)
+        elif tape.pos != index:
+            raise RuntimeError(
+                f"reversible backward reached block {index} while the tape holds the outputs of block "
+                f"{tape.pos}: a reversible sequence's backward must run from its final outputs through "
+                "every block in reverse order"
+            )
+        needed = [p for p, need in zip(ctx.params, ctx.needs_input_grad[5:]) if need]
+        with _leaf_aliases(ctx.block.coupling, needed) as alias, _autocast(ctx.autocast):
+            reverse = _reverse_steps if isinstance(ctx.block.coupling, StepCoupling) else _reverse_generic
+            dx1, dx2, grads = reverse(ctx, [dy1, dy2], alias)
+        pgrads = [grads.get(id(alias[id(p)])) if id(p) in alias else None for p in ctx.params]
+        if ctx.run_starts:
+            tape.streams, tape.pos = None, None  # free the rebuilt inputs early
+        else:
+            tape.pos = index - 1
+        return (None, None, None, dx1, dx2, *pgrads)
+
+
+def _accumulate(grads: dict, leaves: list[Tensor], gs) -> None:
+    for leaf, g in zip(leaves, gs):
+        if g is not None:
+            grads[id(leaf)] = g if id(leaf) not in grads else grads[id(leaf)] + g
+
+
+def _reverse_steps(ctx, d: list[Tensor], alias: dict):
+    """Fused backward of a StepCoupling: for each step, last first, compute ``h = fn(stream[src])``
+    with grad, rebuild ``stream[dst]`` from ``h`` in place, and pull ``dh`` back through ``fn``."""
+    c, tape, kwargs = ctx.block.coupling, ctx.tape, ctx.kwargs
+    s, owned = tape.streams, tape.owned
+    d_owned = [False, False]
+    grads: dict[int, Tensor] = {}
+    alias_ids = {id(a) for a in alias.values()}
+    for (fn, src, dst), rng in zip(reversed(c.steps()), reversed(ctx.rng)):
+        leaves = [p for p in fn.parameters() if id(p) in alias_ids]
+        with _restored_rng(rng, ctx.device), torch.enable_grad():
+            xin = s[src].detach().requires_grad_()
+            h = fn(xin, **kwargs)
+        with torch.no_grad():
+            hd = h.detach()
+            s[dst] = c.separate(s[dst], hd, inplace=owned[dst])
+            owned[dst] = True
+            d_dst, dh = c.combine_vjp(s[dst], hd, d[dst])
+        gs = torch.autograd.grad(h, [xin, *leaves], dh.to(h.dtype), allow_unused=True)
+        if d_dst is not d[dst]:
+            d[dst], d_owned[dst] = d_dst, True
+        if gs[0] is not None:
+            if d_owned[src]:
+                d[src].add_(gs[0])
+            else:
+                d[src], d_owned[src] = d[src] + gs[0], True
+        _accumulate(grads, leaves, gs[1:])
+    return d[0], d[1], grads
+
+
+def _reverse_generic(ctx, d: list[Tensor], alias: dict):
+    """Backward of a user coupling that gives only forward and inverse: invert without grad, then
+    differentiate a second forward. Exact, but the coupling's functions run twice."""
+    c, tape, kwargs = ctx.block.coupling, ctx.tape, ctx.kwargs
+    y1, y2 = tape.streams
+    with torch.no_grad(), _restored_rng(ctx.rng[0], ctx.device):
+        x1, x2 = c.inverse(y1, y2, **kwargs)
+    with torch.enable_grad(), _restored_rng(ctx.rng[0], ctx.device):
+        x1r, x2r = x1.detach().requires_grad_(), x2.detach().requires_grad_()
+        o1, o2 = c(x1r, x2r, **kwargs)
+    leaves = list(alias.values())
+    outs = [(o, g) for o, g in ((o1, d[0]), (o2, d[1])) if o.requires_grad]
+    gs = torch.autograd.grad([o for o, _ in outs], [x1r, x2r, *leaves], [g for _, g in outs],
+                             allow_unused=True)
+    tape.streams, tape.owned = [x1, x2], [x1 is not y1, x2 is not y2]
+    grads: dict[int, Tensor] = {}
+    _accumulate(grads, leaves, gs[2:])
+    zero = [torch.zeros_like(x1), torch.zeros_like(x2)]
+    return (gs[0] if gs[0] is not None else zero[0]), (gs[1] if gs[1] is not None else zero[1]), grads
+
+
+def _check_streams(x1, x2, who: str) -> None:
+    for name, x in (("x1", x1), ("x2", x2)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{who}: {name} must be a Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{who}: streams must be floating point, got {name}.dtype={x.dtype}")
+    if x1.shape != x2.shape:
+        raise ValueError(f"{who}: the two streams must have the same shape, got x1 {tuple(x1.shape)} "
+                         f"and x2 {tuple(x2.shape)}")
+    if x1.dtype != x2.dtype or x1.device != x2.device:
+        raise ValueError(f"{who}: the two streams must share dtype and device, got {x1.dtype}/{x1.device} "
+                         f"and {x2.dtype}/{x2.device}")
+
+
+def _refuse_stateful(coupling: nn.Module) -> None:
+    for name, m in coupling.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            raise ValueError(
+                f"ReversibleBlock: sub-module {name!r} is {type(m).__name__}, whose running statistics "
+                "would be updated twice (forward and recompute); use LayerNorm/RMSNorm, or "
+                "track_running_stats=False"
+            )
+
+
+class ReversibleBlock(nn.Module):
+    """Runs a coupling so that training keeps none of its activations.
+
+    ``policy``: ``'recompute'`` (default: rebuild inputs from outputs in backward) or ``'store'``
+    (plain autograd: fastest, keeps every activation; what the memory scheduler picks when memory
+    allows). Under ``torch.no_grad()`` or when nothing needs a gradient, it is a plain forward.
+
+    Example::
+
+        block = ReversibleBlock(AdditiveCoupling(f=nn.Linear(64, 64), g=nn.Linear(64, 64)))
+        y1, y2 = block(x1, x2)          # x1, x2: [B, S, 64]
+        x1_, x2_ = block.inverse(y1, y2)
+    """
+
+    def __init__(self, coupling: BaseCoupling, preserve_rng_state: bool = True, policy: str = "recompute"):
+        super().__init__()
+        if not isinstance(coupling, BaseCoupling):
+            raise TypeError(f"ReversibleBlock needs a BaseCoupling, got {type(coupling).__name__}")
+        _refuse_stateful(coupling)
+        if isinstance(coupling, StepCoupling):
+            in_steps = {id(p) for fn, _, _ in coupling.steps() for p in fn.parameters()}
+            stray = [n for n, p in coupling.named_parameters() if id(p) not in in_steps]
+            if stray:
+                raise ValueError(f"{type(coupling).__name__} has parameters outside its f/g functions "
+                                 f"({stray}); the fused backward would miss them: subclass BaseCoupling")
+        self.coupling = coupling
+        self.preserve_rng_state = preserve_rng_state
+        self.policy = policy
+
+    @property
+    def policy(self) -> str:
+        return self._policy
+
+    @policy.setter
+    def policy(self, value: str) -> None:
+        if value not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {value!r}")
+        self._policy = value
+
+    def forward(self, x1: Tensor, x2: Tensor, _tape: tuple[_Tape, int, bool, bool] | None = None, **kwargs):
+        _check_streams(x1, x2, type(self).__name__)
+        for k, v in kwargs.items():
+            if isinstance(v, Tensor) and v.requires_grad:
+                raise ValueError(f"{type(self).__name__}: keyword argument {k!r} requires grad; only the "
+                                 "streams and the block's own parameters can receive gradients")
+        params = [p for p in self.parameters() if p.requires_grad]
+        needs_grad = torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad or bool(params))
+        if not needs_grad or self.policy == "store":
+            return self.coupling(x1, x2, **kwargs)
+        slot = _tape if _tape is not None else (_Tape(), 0, True, True)
+        return _ReversibleFunction.apply(self, slot, kwargs, x1, x2, *params)
+
+    def inverse(self, y1: Tensor, y2: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
+        _check_streams(y1, y2, type(self).__name__)
+        return self.coupling.inverse(y1, y2, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"policy={self.policy!r}"
+
+
+class ReversibleSequence(nn.Module):
+    """A stack of reversible blocks whose training memory does not grow with depth.
+
+    Takes ``x1`` (and ``x2``; when left out, ``x2 = x1``), both ``[B, S, D]``, and returns the two
+    output streams. The streams are held in ``stream_dtype`` (float32 by default, even under bf16
+    autocast: the sub-functions compute in bf16 while the residual sums and their inversion stay
+    accurate); ``None`` keeps the input dtype.
+
+    Example::
+
+        seq = ReversibleSequence([AdditiveCoupling(f=mlp(), g=mlp()) for _ in range(12)])
+        y1, y2 = seq(x)                 # x: [B, S, D]
+        loss = (y1 + y2).pow(2).mean()
+        loss.backward()                 # rebuilds every block's inputs; keeps no activations
+    """
+
+    def __init__(self, blocks: Iterable[ReversibleBlock | BaseCoupling],
+                 stream_dtype: torch.dtype | None = torch.float32, preserve_rng_state: bool = True):
+        super().__init__()
+        wrapped = [b if isinstance(b, ReversibleBlock) else ReversibleBlock(b, preserve_rng_state)
+                   for b in blocks]
+        if not wrapped:
+            raise ValueError("ReversibleSequence needs at least one block")
+        self.blocks = nn.ModuleList(wrapped)
+        self.stream_dtype = stream_dtype
+
+    def forward(self, x1: Tensor, x2: Tensor | None = None, **kwargs) -> tuple[Tensor, Tensor]:
+        if x2 is None:
+            x2 = x1
+        _check_streams(x1, x2, type(self).__name__)
+        if self.stream_dtype is not None:
+            x1, x2 = x1.to(self.stream_dtype), x2.to(self.stream_dtype)
+        tape, n = _Tape(), len(self.blocks)
+        recompute = [b.policy == "recompute" for b in self.blocks]
+        for i, block in enumerate(self.blocks):
+            run_ends = i == n - 1 or not recompute[i + 1]
+            run_starts = i == 0 or not recompute[i - 1]
+            x1, x2 = block(x1, x2, _tape=(tape, i, run_ends, run_starts), **kwargs)
+        return x1, x2
+
+    def inverse(self, y1: Tensor, y2: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
+        for block in reversed(self.blocks):
+            y1, y2 = block.inverse(y1, y2, **kwargs)
+        return y1, y2
+
+    def set_policy(self, policy: str, layers: Iterable[int] | None = None) -> None:
+        for i in (range(len(self.blocks)) if layers is None else layers):
+            self.blocks[i].policy = policy
