@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .layers.coupling_layers import BaseCoupling, StepCoupling
+from .layers.coupling_layers import BaseCoupling, StepCoupling, seq_tiles
 
 POLICIES = ("recompute", "store")
 
@@ -98,7 +98,7 @@ class _ReversibleFunction(torch.autograd.Function):
             s, ctx.rng = [x1, x2], []
             for fn, src, dst in c.steps():
                 ctx.rng.append(_rng_state(x1.device) if keep_rng else None)
-                s[dst] = c.combine(s[dst], fn(s[src], **kwargs))
+                s[dst] = c.apply_step(fn, s[dst], s[src], **kwargs)
             y1, y2 = s
         else:
             ctx.rng = [_rng_state(x1.device) if keep_rng else None]
@@ -140,33 +140,41 @@ def _accumulate(grads: dict, leaves: list[Tensor], gs) -> None:
             grads[id(leaf)] = g if id(leaf) not in grads else grads[id(leaf)] + g
 
 
+def _writable(ts: list[Tensor], owned: list[bool], i: int) -> None:
+    if not owned[i]:
+        ts[i], owned[i] = ts[i].clone(), True
+
+
 def _reverse_steps(ctx, d: list[Tensor], alias: dict):
-    """Fused backward of a StepCoupling: for each step, last first, compute ``h = fn(stream[src])``
-    with grad, rebuild ``stream[dst]`` from ``h`` in place, and pull ``dh`` back through ``fn``."""
+    """Fused backward of a StepCoupling. For each step, last first, and each sequence tile of it:
+    compute ``h = fn(stream[src])`` with grad, rebuild ``stream[dst]`` from ``h`` in place, and pull
+    ``dh`` back through ``fn``. Every sub-function runs once; the rebuilt streams overwrite the
+    tape's buffers, so no second copy of the streams is made."""
     c, tape, kwargs = ctx.block.coupling, ctx.tape, ctx.kwargs
-    s, owned = tape.streams, tape.owned
+    s, s_owned = tape.streams, tape.owned
     d_owned = [False, False]
     grads: dict[int, Tensor] = {}
     alias_ids = {id(a) for a in alias.values()}
     for (fn, src, dst), rng in zip(reversed(c.steps()), reversed(ctx.rng)):
         leaves = [p for p in fn.parameters() if id(p) in alias_ids]
-        with _restored_rng(rng, ctx.device), torch.enable_grad():
-            xin = s[src].detach().requires_grad_()
-            h = fn(xin, **kwargs)
-        with torch.no_grad():
-            hd = h.detach()
-            s[dst] = c.separate(s[dst], hd, inplace=owned[dst])
-            owned[dst] = True
-            d_dst, dh = c.combine_vjp(s[dst], hd, d[dst])
-        gs = torch.autograd.grad(h, [xin, *leaves], dh.to(h.dtype), allow_unused=True)
-        if d_dst is not d[dst]:
-            d[dst], d_owned[dst] = d_dst, True
-        if gs[0] is not None:
-            if d_owned[src]:
-                d[src].add_(gs[0])
-            else:
-                d[src], d_owned[src] = d[src] + gs[0], True
-        _accumulate(grads, leaves, gs[1:])
+        _writable(s, s_owned, dst)
+        _writable(d, d_owned, src)
+        with _restored_rng(rng, ctx.device):
+            for t in seq_tiles(fn, s[src]):
+                with torch.enable_grad():
+                    xin = s[src][t].detach().requires_grad_()
+                    h = fn(xin, **kwargs)
+                with torch.no_grad():
+                    hd, dy = h.detach(), d[dst][t]
+                    x = c.separate(s[dst][t], hd, inplace=True)
+                    dx, dh = c.combine_vjp(x, hd, dy)
+                    if dx is not dy:
+                        _writable(d, d_owned, dst)
+                        d[dst][t].copy_(dx)
+                gs = torch.autograd.grad(h, [xin, *leaves], dh.to(h.dtype), allow_unused=True)
+                if gs[0] is not None:
+                    d[src][t].add_(gs[0])
+                _accumulate(grads, leaves, gs[1:])
     return d[0], d[1], grads
 
 

@@ -82,8 +82,21 @@ class StepCoupling(BaseCoupling):
     def forward(self, x1: Tensor, x2: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
         s = [x1, x2]
         for fn, src, dst in self.steps():
-            s[dst] = self.combine(s[dst], fn(s[src], **kwargs))
+            s[dst] = self.apply_step(fn, s[dst], s[src], **kwargs)
         return s[0], s[1]
+
+    def apply_step(self, fn: nn.Module, x_dst: Tensor, x_src: Tensor, **kwargs) -> Tensor:
+        """``combine(x_dst, fn(x_src))``; without grad, tiled along the sequence (see ``seq_tiles``)."""
+        tiles = seq_tiles(fn, x_src) if not torch.is_grad_enabled() else [(slice(None),)]
+        if len(tiles) == 1:
+            return self.combine(x_dst, fn(x_src, **kwargs))
+        out = None
+        for t in tiles:
+            y = self.combine(x_dst[t], fn(x_src[t], **kwargs))
+            if out is None:
+                out = x_dst.new_empty(x_dst.shape, dtype=y.dtype)
+            out[t] = y
+        return out
 
     def inverse(self, y1: Tensor, y2: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
         s = [y1, y2]
@@ -132,7 +145,7 @@ class AffineCoupling(StepCoupling):
     The scale ``s = exp(scale_init * tanh(a))`` lies in ``[exp(-scale_init), exp(scale_init)]``,
     bounded away from zero, so the inverse ``x = (y - t) / s`` never divides by a small number.
     F and G must return twice the stream's width along ``split_dim`` (``out_multiplier = 2``).
-    The scale is computed in float32 whatever the autocast dtype, so forward and recompute agree.
+    The scale is computed in at least float32 whatever the autocast dtype, so forward and recompute agree.
     """
 
     out_multiplier = 2
@@ -149,15 +162,16 @@ class AffineCoupling(StepCoupling):
 
     def _scale_shift(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         d = self.split_dim
+        if h.dim() == x.dim() and h.shape[d] % 2:
+            raise ValueError(f"AffineCoupling cannot split an odd width {h.shape[d]} along split_dim={d} "
+                             f"into scale and shift (function output shape {tuple(h.shape)})")
         if h.dim() != x.dim() or h.shape[d] != 2 * x.shape[d]:
             raise ValueError(
                 f"AffineCoupling needs F/G outputs twice the stream width along split_dim={d}: "
                 f"stream shape {tuple(x.shape)}, function output shape {tuple(h.shape)}"
             )
-        if h.shape[d] % 2:
-            raise ValueError(f"AffineCoupling cannot split an odd width {h.shape[d]} along dim {d}")
         a, t = h.chunk(2, dim=d)
-        th = torch.tanh(a.float())
+        th = torch.tanh(a.to(torch.promote_types(a.dtype, torch.float32)))
         return torch.exp(self.scale_init * th), t, th
 
     def combine(self, x, h):
@@ -173,6 +187,19 @@ class AffineCoupling(StepCoupling):
         dx = dy * s
         da = dx * x * (self.scale_init * (1 - th * th))
         return dx, torch.cat([da, dy], dim=self.split_dim)
+
+
+def seq_tiles(fn: nn.Module, x: Tensor) -> list[tuple[slice, ...]]:
+    """Index tuples that cut ``x [B, S, ...]`` into sequence tiles of ``fn.seq_chunk`` positions.
+
+    A sub-function that sets an integer ``seq_chunk`` declares itself position-wise (an FFN):
+    the engine then runs it tile by tile in forward and in the backward recompute, so its wide
+    intermediates never exist for the whole sequence at once. Keyword arguments are passed whole.
+    """
+    chunk = getattr(fn, "seq_chunk", None)
+    if not chunk or x.dim() < 2 or x.shape[1] <= chunk:
+        return [(slice(None),)]
+    return [(slice(None), slice(i, i + chunk)) for i in range(0, x.shape[1], chunk)]
 
 
 def make_coupling(kind: CouplingType | str | StepCoupling, f: nn.Module | None = None,
