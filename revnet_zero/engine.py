@@ -20,8 +20,10 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .layers.coupling_layers import BaseCoupling, StepCoupling, seq_tiles
+from .memory.kept_attention import AttentionStore, using_store
 
-POLICIES = ("recompute", "store")
+POLICIES = ("recompute", "store_attention", "offload_attention", "store")
+KEPT_ATTENTION = {"store_attention": False, "offload_attention": True}  # policy -> offload?
 
 
 class _Tape:
@@ -29,6 +31,7 @@ class _Tape:
 
     def __init__(self):
         self.pos: int | None = None
+        self.stores: dict[int, AttentionStore] = {}  # kept attention of blocks, by index
         self.streams: list[Tensor] | None = None
         self.owned = [False, False]  # may we overwrite streams[i] in place?
 
@@ -94,11 +97,15 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.autocast = _autocast_state(x1.device.type)
         keep_rng = block.preserve_rng_state
         c = block.coupling
+        ctx.store = AttentionStore(KEPT_ATTENTION[block.policy]) if block.policy in KEPT_ATTENTION else None
+        if ctx.store is not None:
+            tape.stores[index] = ctx.store
         if isinstance(c, StepCoupling):
             s, ctx.rng = [x1, x2], []
-            for fn, src, dst in c.steps():
-                ctx.rng.append(_rng_state(x1.device) if keep_rng else None)
-                s[dst] = c.apply_step(fn, s[dst], s[src], **kwargs)
+            with using_store(ctx.store, recording=True):
+                for fn, src, dst in c.steps():
+                    ctx.rng.append(_rng_state(x1.device) if keep_rng else None)
+                    s[dst] = c.apply_step(fn, s[dst], s[src], **kwargs)
             y1, y2 = s
         else:
             ctx.rng = [_rng_state(x1.device) if keep_rng else None]
@@ -123,7 +130,10 @@ class _ReversibleFunction(torch.autograd.Function):
                 "every block in reverse order"
             )
         needed = [p for p, need in zip(ctx.params, ctx.needs_input_grad[5:]) if need]
-        with _leaf_aliases(ctx.block.coupling, needed) as alias, _autocast(ctx.autocast):
+        if index - 1 in tape.stores and not ctx.run_starts:
+            tape.stores[index - 1].prefetch()  # the next block's offloaded attention, while this one runs
+        with _leaf_aliases(ctx.block.coupling, needed) as alias, _autocast(ctx.autocast), \
+                using_store(ctx.store, recording=False):
             reverse = _reverse_steps if isinstance(ctx.block.coupling, StepCoupling) else _reverse_generic
             dx1, dx2, grads = reverse(ctx, [dy1, dy2], alias)
         pgrads = [grads.get(id(alias[id(p)])) if id(p) in alias else None for p in ctx.params]
@@ -226,9 +236,10 @@ def _refuse_stateful(coupling: nn.Module) -> None:
 class ReversibleBlock(nn.Module):
     """Runs a coupling so that training keeps none of its activations.
 
-    ``policy``: ``'recompute'`` (default: rebuild inputs from outputs in backward) or ``'store'``
-    (plain autograd: fastest, keeps every activation; what the memory scheduler picks when memory
-    allows). Under ``torch.no_grad()`` or when nothing needs a gradient, it is a plain forward.
+    ``policy``: ``'recompute'`` (default: rebuild inputs from outputs in backward), ``'store_attention'``
+    / ``'offload_attention'`` (also keep each attention output and logsumexp, on the GPU or in pinned
+    host memory, so the recompute skips attention: see ``memory/kept_attention.py``), or ``'store'``
+    (plain autograd: fastest, keeps every activation). Under ``torch.no_grad()`` or when nothing needs a gradient, it is a plain forward.
 
     Example::
 
@@ -260,6 +271,9 @@ class ReversibleBlock(nn.Module):
     def policy(self, value: str) -> None:
         if value not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {value!r}")
+        if value in KEPT_ATTENTION and not isinstance(self.coupling, StepCoupling):
+            raise ValueError(f"policy {value!r} needs a built-in (StepCoupling) coupling; "
+                             f"{type(self.coupling).__name__} recomputes through its inverse")
         self._policy = value
 
     def forward(self, x1: Tensor, x2: Tensor, _tape: tuple[_Tape, int, bool, bool] | None = None, **kwargs):
@@ -316,7 +330,7 @@ class ReversibleSequence(nn.Module):
         if self.stream_dtype is not None:
             x1, x2 = x1.to(self.stream_dtype), x2.to(self.stream_dtype)
         tape, n = _Tape(), len(self.blocks)
-        recompute = [b.policy == "recompute" for b in self.blocks]
+        recompute = [b.policy != "store" for b in self.blocks]
         for i, block in enumerate(self.blocks):
             run_ends = i == n - 1 or not recompute[i + 1]
             run_starts = i == 0 or not recompute[i - 1]

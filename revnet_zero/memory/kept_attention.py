@@ -1,0 +1,176 @@
+"""Keep attention's output and logsumexp from the forward, so the recompute skips attention.
+
+At long context attention is most of a block's FLOPs. Under the ``store_attention`` policy a block's
+forward records, for each attention call, the output ``[B, H, S, hd]`` and its logsumexp
+``[B, H, S]`` (2*D + 4*H bytes per token); the recompute then runs only the projections, takes the
+kept output in place of attention, and calls the SDPA backward kernel directly with the kept
+tensors. ``offload_attention`` keeps them in pinned host memory instead, copied on a side stream
+and fetched back one block ahead during backward.
+
+Attention modules opt in by calling ``attention(q, k, v, ...)`` below instead of
+``F.scaled_dot_product_attention``; with no store active it is exactly SDPA.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+aten = torch.ops.aten
+_STORE: contextvars.ContextVar[AttentionStore | None] = contextvars.ContextVar("revnet_attention_store",
+                                                                               default=None)
+# SDPA kernel used for kept attention on CUDA. cuDNN ran 1.5x faster than flash on H100 (BENCHMARKS.md).
+CUDA_BACKEND = "cudnn"
+
+
+class AttentionStore:
+    """The kept attention outputs of one block forward, in call order."""
+
+    def __init__(self, offload: bool = False):
+        self.offload = offload
+        self.entries: list[list] = []   # [out, lse, meta, event-or-None]
+        self.cursor = 0
+        self.recording = True
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for e in self.entries for t in e[:2])
+
+    def push(self, out: Tensor, lse: Tensor, meta: tuple) -> None:
+        if self.offload and out.is_cuda:
+            self.entries.append([*_to_host(out, lse), meta, None])
+        else:
+            self.entries.append([out, lse, meta, None])
+
+    def prefetch(self) -> None:
+        """Start copying offloaded entries back to the GPU on the side stream."""
+        for e in self.entries:
+            if not e[0].is_cuda and e[3] is None and self.offload and torch.cuda.is_available():
+                e[0], e[1], e[3] = *_to_device(e[0], e[1]), True
+
+    def pop(self) -> tuple[Tensor, Tensor, tuple]:
+        if self.cursor >= len(self.entries):
+            raise RuntimeError(f"kept attention: the recompute made more attention calls than the forward "
+                               f"({len(self.entries)})")
+        e = self.entries[self.cursor]
+        self.cursor += 1
+        if self.offload and not e[0].is_cuda and torch.cuda.is_available():
+            self.prefetch()
+        if self.offload and e[0].is_cuda:
+            torch.cuda.current_stream().wait_stream(_side_stream())
+            e[0].record_stream(torch.cuda.current_stream())
+            e[1].record_stream(torch.cuda.current_stream())
+        return e[0], e[1], e[2]
+
+
+_SIDE: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream() -> torch.cuda.Stream:
+    dev = torch.cuda.current_device()
+    if dev not in _SIDE:
+        _SIDE[dev] = torch.cuda.Stream(dev)
+    return _SIDE[dev]
+
+
+def _to_host(*ts: Tensor) -> list[Tensor]:
+    side = _side_stream()
+    side.wait_stream(torch.cuda.current_stream())
+    out = []
+    with torch.cuda.stream(side):
+        for t in ts:
+            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            h.copy_(t, non_blocking=True)
+            t.record_stream(side)  # keep t's memory until the copy is done
+            out.append(h)
+    return out
+
+
+def _to_device(*ts: Tensor) -> list[Tensor]:
+    side = _side_stream()
+    with torch.cuda.stream(side):
+        return [t.to("cuda", non_blocking=True) for t in ts]
+
+
+@contextlib.contextmanager
+def using_store(store: AttentionStore | None, recording: bool):
+    if store is not None:
+        store.recording, store.cursor = recording, 0
+    token = _STORE.set(store)
+    try:
+        yield store
+    finally:
+        _STORE.reset(token)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, dropout_p: float = 0.0,
+              scale: float | None = None) -> Tensor:
+    """``F.scaled_dot_product_attention`` on ``[B, H, S, hd]`` (k, v may have fewer heads: GQA),
+    recording or replaying through the active ``AttentionStore`` if there is one."""
+    gqa = k.shape[1] != q.shape[1]
+    store = _STORE.get()
+    if store is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                                              **({"enable_gqa": True} if gqa else {}))
+    if dropout_p:
+        raise ValueError(f"kept attention (store_attention/offload_attention) needs attention dropout 0, "
+                         f"got {dropout_p}; use the 'recompute' policy with attention dropout")
+    if gqa:  # the kernels below take equal head counts; autograd sums dk, dv over each group
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    if store.recording:
+        out, lse, meta = _forward(q, k, v, is_causal, scale)
+        store.push(out, lse, meta)
+        return out
+    out, lse, meta = store.pop()
+    return _KeptAttention.apply(q, k, v, out, lse, meta, is_causal, scale)
+
+
+def _backend(q: Tensor) -> str:
+    return CUDA_BACKEND if q.is_cuda else "cpu"
+
+
+def _forward(q, k, v, is_causal, scale):
+    backend = _backend(q)
+    if backend == "cpu":
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scale)
+        return out, lse, ("cpu",)
+    if backend == "cudnn":
+        r = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, is_causal, False, scale=scale)
+        return r[0], r[1], ("cudnn", r[2], r[3], r[4], r[5], r[6], r[7])
+    if backend == "flash":
+        r = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)
+        return r[0], r[1], ("flash", r[2], r[3], r[4], r[5], r[6], r[7])
+    raise ValueError(f"CUDA_BACKEND must be 'cudnn' or 'flash', got {backend!r}")
+
+
+class _KeptAttention(torch.autograd.Function):
+    """Returns the kept output; backward calls the SDPA backward kernel with it."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, out, lse, meta, is_causal, scale):
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.meta, ctx.is_causal, ctx.scale = meta, is_causal, scale
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        meta, causal, scale = ctx.meta, ctx.is_causal, ctx.scale
+        if dout.stride() != out.stride():  # the kernels expect dout laid out like out
+            dout = torch.empty_strided(out.shape, out.stride(), dtype=dout.dtype, device=dout.device).copy_(dout)
+        if meta[0] == "cpu":
+            dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                dout, q, k, v, out, lse, 0.0, causal, scale=scale)
+        elif meta[0] == "flash":
+            cq, ck, mq, mk, seed, offset = meta[1:]
+            dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+                dout, q, k, v, out, lse, cq, ck, mq, mk, 0.0, causal, seed, offset, scale=scale)
+        else:
+            cq, ck, mq, mk, seed, offset = meta[1:]
+            dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
+                dout, q, k, v, out, lse, seed, offset, None, cq, ck, mq, mk, 0.0, causal, scale=scale)
+        return dq, dk, dv, None, None, None, None, None

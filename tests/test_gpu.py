@@ -1,0 +1,58 @@
+"""GPU tier: the engine's gradient tests on CUDA in bf16 (skipped without a GPU).
+
+Run on a GPU machine with ``python -m pytest tests/test_gpu.py -s``; the figures printed are the
+record quoted in the issue notes. Tolerance reasoning as in test_engine.py's bf16 test: the
+reversible run recomputes F and G from rebuilt inputs, so its bf16 error against float64 may be at
+most twice plain bf16 autograd's own error plus 1e-3.
+"""
+import copy
+
+import pytest
+import torch
+
+from helpers import coupling, rel_err
+
+from revnet_zero import ReversibleSequence
+from revnet_zero.reference import reference_forward
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _grads(run, stack, x, w1, w2):
+    x = x.detach().requires_grad_()
+    y1, y2 = run(stack, x)
+    return torch.autograd.grad((y1 * w1).sum() + (y2 * w2).sum(), [x, *stack.parameters()])
+
+
+@pytest.mark.parametrize("kind", ["additive", "affine"])
+def test_cuda_bf16_24_blocks(kind):
+    torch.manual_seed(0)
+    d, hidden, shape = 1024, 2816, (1, 2048, 1024)
+    stack = ReversibleSequence([coupling(kind, d, hidden=hidden) for _ in range(24)]).cuda()
+    for b in stack.blocks:
+        for fn in (b.coupling.f, b.coupling.g):
+            fn.net[-1].weight.data.mul_(0.3)
+    x, w1, w2 = (torch.randn(shape, device="cuda") for _ in range(3))
+    rev = lambda s, a: s(a)  # noqa: E731
+    ref = lambda s, a: reference_forward(s, a)  # noqa: E731
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        torch.cuda.reset_peak_memory_stats()
+        g_rev = _grads(rev, stack, x, w1, w2)
+        peak_rev = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        g_ref = _grads(ref, stack, x, w1, w2)
+        peak_ref = torch.cuda.max_memory_allocated()
+        with torch.no_grad():
+            r1, r2 = stack.inverse(*stack(x))
+    s64 = copy.deepcopy(stack).double()
+    s64.stream_dtype = torch.float64
+    g64 = _grads(ref, s64, x.double(), w1.double(), w2.double())
+    e_rev = max(rel_err(a, b) for a, b in zip(g_rev, g64))
+    e_ref = max(rel_err(a, b) for a, b in zip(g_ref, g64))
+    e_pair = max(rel_err(a, b) for a, b in zip(g_rev, g_ref))
+    drift = max(rel_err(r1, x), rel_err(r2, x))
+    print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__} {kind} 24 blocks d={d} S={shape[1]} bf16: "
+          f"grad rel err vs fp64: reversible {e_rev:.3e}, plain {e_ref:.3e}; reversible vs plain {e_pair:.3e}; "
+          f"rebuilt-input drift {drift:.2e}; peak MiB reversible {peak_rev / 2**20:.0f}, plain {peak_ref / 2**20:.0f}")
+    assert drift <= 1e-3
+    assert e_rev <= 2 * e_ref + 1e-3
