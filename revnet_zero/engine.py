@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .layers.coupling_layers import BaseCoupling, StepCoupling, seq_tiles
-from .memory.kept_attention import AttentionStore, using_store
+from .ops.kept_attention import AttentionStore, using_store
 
 POLICIES = ("recompute", "store_attention", "offload_attention", "store")
 KEPT_ATTENTION = {"store_attention": False, "offload_attention": True}  # policy -> offload?
@@ -238,7 +238,7 @@ class ReversibleBlock(nn.Module):
 
     ``policy``: ``'recompute'`` (default: rebuild inputs from outputs in backward), ``'store_attention'``
     / ``'offload_attention'`` (also keep each attention output and logsumexp, on the GPU or in pinned
-    host memory, so the recompute skips attention: see ``memory/kept_attention.py``), or ``'store'``
+    host memory, so the recompute skips attention: see ``ops/kept_attention.py``), or ``'store'``
     (plain autograd: fastest, keeps every activation). Under ``torch.no_grad()`` or when nothing needs a gradient, it is a plain forward.
 
     Example::

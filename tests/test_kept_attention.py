@@ -74,13 +74,13 @@ def test_kept_attention_refuses_dropout_and_generic_couplings():
     with pytest.raises(ValueError, match="needs a built-in"):
         ReversibleBlock(ShiftCoupling(8), policy="store_attention")
     q = torch.randn(1, 2, 4, 8)
-    from revnet_zero.memory.kept_attention import AttentionStore, using_store
+    from revnet_zero.ops.kept_attention import AttentionStore, using_store
     with using_store(AttentionStore(), recording=True), pytest.raises(ValueError, match="dropout 0, got 0.1"):
         attention(q, q, q, is_causal=True, dropout_p=0.1)
 
 
 def test_recompute_does_not_rerun_attention(monkeypatch):
-    import revnet_zero.memory.kept_attention as ka
+    import revnet_zero.ops.kept_attention as ka
     calls = []
     real_fwd, real_sdpa = ka._forward, ka.F.scaled_dot_product_attention
     monkeypatch.setattr(ka, "_forward", lambda *a: calls.append("kept") or real_fwd(*a))
