@@ -1,7 +1,10 @@
 """RevNet-Zero: reversible transformers that train long contexts without keeping activations."""
-from .engine import ReversibleBlock, ReversibleSequence
+# .layers first: its reversible layers import .engine, which needs only .layers.coupling_layers
+# (loaded by then); importing .engine first would re-enter it half-initialised.
 from .layers import AdditiveCoupling, AffineCoupling, BaseCoupling, CouplingType
+from .engine import ReversibleBlock, ReversibleSequence
+from .models import ReversibleTransformer, TransformerConfig
 
 __version__ = "0.1.0"
 __all__ = ["AdditiveCoupling", "AffineCoupling", "BaseCoupling", "CouplingType", "ReversibleBlock",
-           "ReversibleSequence", "__version__"]
+           "ReversibleSequence", "ReversibleTransformer", "TransformerConfig", "__version__"]

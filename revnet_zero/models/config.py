@@ -1,0 +1,151 @@
+"""The configuration of the reversible transformer models, with named presets."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ..layers.coupling_layers import CouplingType
+from ..ops.limits import INT32_MAX_NUMEL
+
+FFN_KINDS = ("swiglu", "geglu", "gelu")
+
+
+def default_d_ff(d_model: int, ffn: str) -> int:
+    """8/3 * d_model rounded up to a multiple of 128 for gated FFNs (2816 at d = 1024), 4 * d_model else."""
+    return -(-8 * d_model // (3 * 128)) * 128 if ffn != "gelu" else 4 * d_model
+
+
+@dataclass
+class TransformerConfig:
+    """Shape and options of ``ReversibleTransformer`` / ``ReversibleGPT`` / ``ReversibleBERT``.
+
+    Fields left ``None`` (``num_kv_heads``, ``d_ff``) are resolved in ``__post_init__``.
+
+    Example::
+
+        cfg = TransformerConfig.preset("S", max_seq_len=262144)
+        cfg.d_ff                                    # 2816
+    """
+
+    vocab_size: int = 32000                  # token ids lie in [0, vocab_size)
+    num_layers: int = 24                     # reversible blocks, each one attention + one FFN
+    d_model: int = 1024                      # width of each of the two residual streams
+    num_heads: int = 16                      # query heads; head_dim = d_model / num_heads, even (RoPE)
+    num_kv_heads: int | None = None          # key/value heads (GQA); None = num_heads
+    d_ff: int | None = None                  # FFN hidden width; None = default_d_ff(d_model, ffn)
+    max_seq_len: int = 4096                  # longest accepted input; costs nothing (RoPE is computed per call)
+    dropout: float = 0.0                     # on each attention and FFN output
+    attention_dropout: float = 0.0           # on the attention probabilities (SDPA dropout_p)
+    coupling: str = "additive"               # 'additive' or 'affine' (F and G then output 2 * d_model)
+    ffn: str = "swiglu"                      # 'swiglu', 'geglu' (gated) or 'gelu' (plain MLP)
+    norm_eps: float = 1e-5                   # RMSNorm epsilon
+    rope_theta: float = 10000.0              # RoPE base (Llama 3 uses 500000)
+    tie_embeddings: bool = False             # share the token embedding with the output head
+    causal: bool = True                      # causal decoder; ReversibleBERT sets False
+    stream_dtype: torch.dtype | None = torch.float32  # dtype of the two streams (None = the embedding's)
+    loss_chunk_size: int = 8192              # tokens per chunk of the fused head + loss (logits chunk < 2^31)
+    ffn_chunk_size: int | None = 16384       # positions per FFN tile in forward and recompute; None = whole
+    use_flash_attention: bool = True         # must be True: attention always runs through SDPA kernels
+
+    def __post_init__(self):
+        if isinstance(self.coupling, CouplingType):
+            self.coupling = self.coupling.value
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.d_ff is None and self.ffn in FFN_KINDS and _is_int(self.d_model):
+            self.d_ff = default_d_ff(self.d_model, self.ffn)
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.coupling not in [c.value for c in CouplingType]:
+            raise ValueError(f"coupling must be one of {[c.value for c in CouplingType]}, "
+                             f"got {self.coupling!r}")
+        if self.ffn not in FFN_KINDS:
+            raise ValueError(f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
+        for name in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "d_ff",
+                     "max_seq_len", "loss_chunk_size"):
+            _positive_int(name, getattr(self, name))
+        if self.ffn_chunk_size is not None:
+            _positive_int("ffn_chunk_size", self.ffn_chunk_size)
+        if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
+            raise ValueError(f"d_model={self.d_model} must split into num_heads={self.num_heads} heads of "
+                             "even size (RoPE rotates pairs of dimensions)")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        for name in ("dropout", "attention_dropout"):
+            p = getattr(self, name)
+            if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
+                raise ValueError(f"{name} must be in [0, 1), got {p!r}")
+        for name in ("norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v > 0):
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
+        for name in ("tie_embeddings", "causal", "use_flash_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not self.use_flash_attention:
+            raise ValueError("use_flash_attention=False is not supported: attention always runs through "
+                             "F.scaled_dot_product_attention, never an explicit S x S matrix; to pin a back "
+                             "end use torch.nn.attention.sdpa_kernel")
+        if self.stream_dtype is not None and not (isinstance(self.stream_dtype, torch.dtype)
+                                                  and self.stream_dtype.is_floating_point):
+            raise ValueError(f"stream_dtype must be a floating torch.dtype or None, got {self.stream_dtype!r}")
+        if self.loss_chunk_size * self.vocab_size > INT32_MAX_NUMEL:
+            raise ValueError(f"loss_chunk_size={self.loss_chunk_size} x vocab_size={self.vocab_size} = "
+                             f"{self.loss_chunk_size * self.vocab_size:,} logits per chunk, more than 2^31; "
+                             "use a smaller loss_chunk_size")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "TransformerConfig":
+        """A named shape (``PRESETS``: 'tiny', 'S', 'M', 'llama8b') with fields replaced by ``overrides``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        _check_fields(overrides, f"TransformerConfig.preset({name!r})")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS = {
+    # byte-level vocabulary; d not a power of two; GQA on: for tests and demos
+    "tiny": dict(vocab_size=256, num_layers=2, d_model=96, num_heads=4, num_kv_heads=2, max_seq_len=512),
+    # the benchmark reference models (shared/BENCHMARKS.md)
+    "S": dict(vocab_size=32000, num_layers=24, d_model=1024, num_heads=16, d_ff=2816, max_seq_len=262144),
+    "M": dict(vocab_size=32000, num_layers=24, d_model=2048, num_heads=16, d_ff=5632, max_seq_len=262144),
+    "llama8b": dict(vocab_size=128256, num_layers=32, d_model=4096, num_heads=32, num_kv_heads=8,
+                    d_ff=14336, max_seq_len=131072, rope_theta=500000.0),
+}
+
+
+def resolve_config(config: TransformerConfig | None, overrides: dict, who: str,
+                   **defaults) -> TransformerConfig:
+    """``config`` with ``overrides`` applied, or a new config from ``defaults`` and ``overrides``."""
+    _check_fields(overrides, who)
+    if config is None:
+        return TransformerConfig(**{**defaults, **overrides})
+    if not isinstance(config, TransformerConfig):
+        raise TypeError(f"{who}: config must be a TransformerConfig, got {type(config).__name__}")
+    return dataclasses.replace(config, **overrides) if overrides else config
+
+
+def _check_fields(kwargs: dict, who: str) -> None:
+    names = {f.name for f in dataclasses.fields(TransformerConfig)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise TypeError(f"{who} got unknown arguments {unknown}; TransformerConfig fields are {sorted(names)}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _positive_int(name: str, v) -> None:
+    if not _is_int(v):
+        raise TypeError(f"{name} must be an int, got {v!r}")
+    if v < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
