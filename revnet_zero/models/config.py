@@ -45,7 +45,7 @@ class TransformerConfig:
     tie_embeddings: bool = False             # share the token embedding with the output head
     causal: bool = True                      # causal decoder; ReversibleBERT sets False
     stream_dtype: torch.dtype | None = torch.float32  # dtype of the two streams (None = the embedding's)
-    loss_chunk_size: int = 8192              # tokens per chunk of the fused head + loss (logits chunk < 2^31)
+    loss_chunk_size: int = 4096              # tokens per chunk of the fused head + loss (logits chunk < 2^31)
     ffn_chunk_size: int | None = 16384       # positions per FFN tile in forward and recompute; None = whole
     use_flash_attention: bool = True         # must be True: attention always runs through SDPA kernels
 
