@@ -13,6 +13,7 @@ block's parameters are swapped for detached aliases, so a user's tensor hooks fi
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -35,8 +36,14 @@ class _Tape:
         self.streams: list[Tensor] | None = None
         self.owned = [False, False]  # may we overwrite streams[i] in place?
 
-    def load(self, y1: Tensor, y2: Tensor, pos: int) -> None:
-        self.streams, self.owned, self.pos = [y1, y2], [False, False], pos
+    def load(self, y1: Tensor, y2: Tensor, pos: int, owned: list[bool]) -> None:
+        self.streams, self.owned, self.pos = [y1, y2], owned, pos
+
+
+def _keep_graph() -> bool:
+    """Whether the running backward keeps its graph (``retain_graph=True``); True when unknown."""
+    get = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if get is None else bool(get())
 
 
 def _rng_state(device: torch.device):
@@ -115,6 +122,7 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.loads_tape = save_outputs
         if save_outputs:
             ctx.save_for_backward(y1, y2)
+            ctx.out_refs = (weakref.ref(y1), weakref.ref(y2))
         return y1, y2
 
     @staticmethod
@@ -122,7 +130,11 @@ class _ReversibleFunction(torch.autograd.Function):
     def backward(ctx, dy1, dy2):
         tape, index = ctx.tape, ctx.index
         if ctx.loads_tape:
-            tape.load(*ctx.saved_tensors, pos=index)
+            # The run's outputs may be overwritten in place by the rebuild (saving a copy of both
+            # streams) when nothing can read them again: the graph is not retained and no Python
+            # reference to them is left. Otherwise the first rebuild of each stream copies it.
+            free = not _keep_graph()
+            tape.load(*ctx.saved_tensors, pos=index, owned=[free and r() is None for r in ctx.out_refs])
         elif tape.pos != index:
             raise RuntimeError(
                 f"reversible backward reached block {index} while the tape holds the outputs of block "
@@ -137,6 +149,8 @@ class _ReversibleFunction(torch.autograd.Function):
             reverse = _reverse_steps if isinstance(ctx.block.coupling, StepCoupling) else _reverse_generic
             dx1, dx2, grads = reverse(ctx, [dy1, dy2], alias)
         pgrads = [grads.get(id(alias[id(p)])) if id(p) in alias else None for p in ctx.params]
+        if ctx.store is not None and not _keep_graph():
+            ctx.store.clear()  # kept attention is used once per backward
         if ctx.run_starts:
             tape.streams, tape.pos = None, None  # free the rebuilt inputs early
         else:

@@ -269,3 +269,12 @@ def test_half_couplings_compose_to_a_full_block():
     a, b = grads_of(rev, halves, x, w1, w2), grads_of(rev, full, x, w1, w2)
     assert max(rel_err(u, v) for u, v in zip(a, b)) <= 1e-6
     assert isinstance(AffineCoupling(f=MLP(8, mult=2)).steps()[0][0], MLP)
+
+
+def test_outputs_the_caller_holds_are_never_overwritten():
+    """The rebuild may reuse the run's output buffers only when nothing can read them again."""
+    stack = ReversibleSequence([coupling("additive", 8) for _ in range(3)])
+    y1, y2 = stack(torch.randn(2, 3, 8, requires_grad=True))
+    before = y1.detach().clone(), y2.detach().clone()
+    (y1 * y2).sum().backward()
+    assert torch.equal(y1.detach(), before[0]) and torch.equal(y2.detach(), before[1])

@@ -27,29 +27,32 @@ CUDA_BACKEND = "cudnn"
 
 
 class AttentionStore:
-    """The kept attention outputs of one block forward, in call order."""
+    """The kept attention outputs of one block forward, in call order.
+
+    With ``offload`` the kept tensors live in pinned host memory; ``prefetch`` starts copying them
+    back on a side stream, and ``pop`` hands out the device copy once and forgets it, so at most
+    the blocks being recomputed hold kept attention on the GPU.
+    """
 
     def __init__(self, offload: bool = False):
         self.offload = offload
-        self.entries: list[list] = []   # [out, lse, meta, event-or-None]
+        self.entries: list[dict] = []   # {'kept': (out, lse), 'meta': ..., 'device': (out, lse) or None}
         self.cursor = 0
         self.recording = True
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for e in self.entries for t in e[:2])
+        return sum(t.numel() * t.element_size() for e in self.entries for t in e["kept"])
 
     def push(self, out: Tensor, lse: Tensor, meta: tuple) -> None:
-        if self.offload and out.is_cuda:
-            self.entries.append([*_to_host(out, lse), meta, None])
-        else:
-            self.entries.append([out, lse, meta, None])
+        kept = tuple(_to_host(out, lse)) if self.offload and out.is_cuda else (out, lse)
+        self.entries.append({"kept": kept, "meta": meta, "device": None})
 
     def prefetch(self) -> None:
         """Start copying offloaded entries back to the GPU on the side stream."""
         for e in self.entries:
-            if not e[0].is_cuda and e[3] is None and self.offload and torch.cuda.is_available():
-                e[0], e[1], e[3] = *_to_device(e[0], e[1]), True
+            if e["device"] is None and not e["kept"][0].is_cuda and torch.cuda.is_available():
+                e["device"] = tuple(_to_device(*e["kept"]))
 
     def pop(self) -> tuple[Tensor, Tensor, tuple]:
         if self.cursor >= len(self.entries):
@@ -57,13 +60,19 @@ class AttentionStore:
                                f"({len(self.entries)})")
         e = self.entries[self.cursor]
         self.cursor += 1
-        if self.offload and not e[0].is_cuda and torch.cuda.is_available():
+        if e["kept"][0].is_cuda or not torch.cuda.is_available():
+            return (*e["kept"], e["meta"])
+        if e["device"] is None:
             self.prefetch()
-        if self.offload and e[0].is_cuda:
-            torch.cuda.current_stream().wait_stream(_side_stream())
-            e[0].record_stream(torch.cuda.current_stream())
-            e[1].record_stream(torch.cuda.current_stream())
-        return e[0], e[1], e[2]
+        out, lse = e["device"]
+        e["device"] = None  # used once per backward: the host copy stays for retain_graph
+        torch.cuda.current_stream().wait_stream(_side_stream())
+        out.record_stream(torch.cuda.current_stream())
+        lse.record_stream(torch.cuda.current_stream())
+        return out, lse, e["meta"]
+
+    def clear(self) -> None:
+        self.entries.clear()
 
 
 _SIDE: dict[int, torch.cuda.Stream] = {}
@@ -81,8 +90,8 @@ def _to_host(*ts: Tensor) -> list[Tensor]:
     side.wait_stream(torch.cuda.current_stream())
     out = []
     with torch.cuda.stream(side):
-        for t in ts:
-            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        for t in ts:  # same strides as on the GPU: the backward kernels expect the forward's layout
+            h = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, pin_memory=True)
             h.copy_(t, non_blocking=True)
             t.record_stream(side)  # keep t's memory until the copy is done
             out.append(h)

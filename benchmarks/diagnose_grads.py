@@ -1,0 +1,59 @@
+"""GPU diagnosis: reversible vs plain-autograd gradients of model S per SDPA back end and dtype.
+
+python3 benchmarks/diagnose_grads.py --layers 4 --seq 8192
+"""
+import argparse
+import contextlib
+import dataclasses
+import os
+import sys
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from revnet_zero.models import ReversibleGPT, TransformerConfig  # noqa: E402
+
+
+def grads(model, ids, policy, amp):
+    model.blocks.set_policy(policy)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        loss = model(ids).loss
+    names, params = zip(*[(n, p) for n, p in model.named_parameters()])
+    g = torch.autograd.grad(loss, params)
+    return loss.item(), dict(zip(names, g))
+
+
+def worst(g, ref, k=3):
+    errs = {n: ((g[n].float() - ref[n].float()).norm() / ref[n].float().norm()).item() for n in ref}
+    top = sorted(errs.items(), key=lambda kv: -kv[1])[:k]
+    return max(errs.values()), sorted(errs.values())[len(errs) // 2], top
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=8192)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TransformerConfig.preset("S"), num_layers=a.layers)
+    model = ReversibleGPT(cfg).cuda()
+    ids = torch.randint(0, cfg.vocab_size, (1, a.seq), device="cuda")
+    backends = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+    for amp in (True, False):
+        for bname, b in backends.items():
+            ctx = sdpa_kernel(b) if b is not None else contextlib.nullcontext()
+            with ctx:
+                l0, ref = grads(model, ids, "store", amp)
+                _, ref2 = grads(model, ids, "store", amp)
+                floor = worst(ref2, ref)
+                print(f"amp={amp} sdpa={bname}: floor max {floor[0]:.2e} med {floor[1]:.2e}", flush=True)
+                for policy in ("recompute", "store_attention"):
+                    l, g = grads(model, ids, policy, amp)
+                    mx, med, top = worst(g, ref)
+                    print(f"  {policy:16s} loss {l:.6f} vs {l0:.6f}: max {mx:.2e} med {med:.2e} "
+                          + ", ".join(f"{n} {e:.1e}" for n, e in top), flush=True)
+
+
+if __name__ == "__main__":
+    main()
