@@ -104,8 +104,9 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.autocast = _autocast_state(x1.device.type)
         keep_rng = block.preserve_rng_state
         c = block.coupling
-        ctx.store = AttentionStore(KEPT_ATTENTION[block.policy]) if block.policy in KEPT_ATTENTION else None
-        if ctx.store is not None:
+        keeps = block.policy in KEPT_ATTENTION
+        ctx.store = AttentionStore(offload=KEPT_ATTENTION.get(block.policy, False), keep=keeps)
+        if keeps:
             tape.stores[index] = ctx.store
         if isinstance(c, StepCoupling):
             s, ctx.rng = [x1, x2], []
@@ -149,7 +150,7 @@ class _ReversibleFunction(torch.autograd.Function):
             reverse = _reverse_steps if isinstance(ctx.block.coupling, StepCoupling) else _reverse_generic
             dx1, dx2, grads = reverse(ctx, [dy1, dy2], alias)
         pgrads = [grads.get(id(alias[id(p)])) if id(p) in alias else None for p in ctx.params]
-        if ctx.store is not None and not _keep_graph():
+        if not _keep_graph():
             ctx.store.clear()  # kept attention is used once per backward
         if ctx.run_starts:
             tape.streams, tape.pos = None, None  # free the rebuilt inputs early

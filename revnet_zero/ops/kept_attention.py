@@ -1,4 +1,4 @@
-"""Keep attention's output and logsumexp from the forward, so the recompute skips attention.
+"""Attention inside reversible blocks: one kernel for forward and recompute, or kept outputs.
 
 At long context attention is most of a block's FLOPs. Under the ``store_attention`` policy a block's
 forward records, for each attention call, the output ``[B, H, S, hd]`` and its logsumexp
@@ -34,8 +34,8 @@ class AttentionStore:
     the blocks being recomputed hold kept attention on the GPU.
     """
 
-    def __init__(self, offload: bool = False):
-        self.offload = offload
+    def __init__(self, offload: bool = False, keep: bool = True):
+        self.offload, self.keep = offload, keep
         self.entries: list[dict] = []   # {'kept': (out, lse), 'meta': ..., 'device': (out, lse) or None}
         self.cursor = 0
         self.recording = True
@@ -117,11 +117,18 @@ def using_store(store: AttentionStore | None, recording: bool):
 
 def attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, dropout_p: float = 0.0,
               scale: float | None = None) -> Tensor:
-    """``F.scaled_dot_product_attention`` on ``[B, H, S, hd]`` (k, v may have fewer heads: GQA),
-    recording or replaying through the active ``AttentionStore`` if there is one."""
+    """``F.scaled_dot_product_attention`` on ``[B, H, S, hd]`` (k, v may have fewer heads: GQA).
+
+    Inside a reversible block (an ``AttentionStore`` is active) it records or replays: a keeping
+    store keeps the output and logsumexp; a non-keeping one (the ``recompute`` policy, on CUDA)
+    runs the same SDPA kernel in forward and in the recompute, so the rebuilt streams are not
+    perturbed by two kernels' different roundings (SDPA may pick another kernel, or another
+    variant of one, when gradients are needed).
+    """
     gqa = k.shape[1] != q.shape[1]
     store = _STORE.get()
-    if store is None:
+    plain = store is None or (not store.keep and (dropout_p or not q.is_cuda))
+    if plain:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                                               **({"enable_gqa": True} if gqa else {}))
     if dropout_p:
@@ -130,16 +137,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, dropout_p: float
     if gqa:  # the kernels below take equal head counts; autograd sums dk, dv over each group
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    # one fixed layout for every kernel call, forward and backward
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if store.recording:
         out, lse, meta = _forward(q, k, v, is_causal, scale)
-        store.push(out, lse, meta)
+        if store.keep:
+            store.push(out, lse, meta)
         return out
-    out, lse, meta = store.pop()
+    if store.keep:
+        out, lse, meta = store.pop()
+    else:
+        out, lse, meta = _forward(q.detach(), k.detach(), v.detach(), is_causal, scale)
     return _KeptAttention.apply(q, k, v, out, lse, meta, is_causal, scale)
 
 
 def _backend(q: Tensor) -> str:
-    return CUDA_BACKEND if q.is_cuda else "cpu"
+    if not q.is_cuda:
+        return "cpu"
+    return CUDA_BACKEND if q.dtype in (torch.float16, torch.bfloat16) else "efficient"  # fp32: efficient only
 
 
 def _forward(q, k, v, is_causal, scale):
@@ -150,6 +165,9 @@ def _forward(q, k, v, is_causal, scale):
     if backend == "cudnn":
         r = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, is_causal, False, scale=scale)
         return r[0], r[1], ("cudnn", r[2], r[3], r[4], r[5], r[6], r[7])
+    if backend == "efficient":
+        r = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, is_causal, scale=scale)
+        return r[0], r[1], ("efficient", r[2], r[3])
     if backend == "flash":
         r = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)
         return r[0], r[1], ("flash", r[2], r[3], r[4], r[5], r[6], r[7])
@@ -174,6 +192,10 @@ class _KeptAttention(torch.autograd.Function):
         if meta[0] == "cpu":
             dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 dout, q, k, v, out, lse, 0.0, causal, scale=scale)
+        elif meta[0] == "efficient":
+            seed, offset = meta[1:]
+            dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+                dout, q, k, v, None, out, lse, seed, offset, 0.0, [True, True, True, False], causal, scale=scale)
         elif meta[0] == "flash":
             cq, ck, mq, mk, seed, offset = meta[1:]
             dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
