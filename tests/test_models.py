@@ -123,7 +123,7 @@ def block_reference(block, x1, x2, mask=None):
 
 
 def model_reference(model, ids, mask=None):
-    x1 = x2 = model.embed.weight[ids]
+    x1 = x2 = model.embed.weight[ids] * model.config.embed_scale   # streams start at the scaled embedding
     for block in model.blocks.blocks:
         x1, x2 = block_reference(block, x1, x2, mask)
     hidden = rms((x1 + x2) / 2, model.norm.weight, model.norm.eps)
@@ -148,7 +148,7 @@ def test_reversible_grads_equal_plain_autograd(cls, coupling, kv):
     for name, g in grads.items():
         assert rel(g, ref_grads[name]) <= 1e-6, name
     # the gradient reaching the embedding output, through the block stack alone
-    x = model.embed(ids).detach()
+    x = (model.embed(ids) * model.config.embed_scale).detach()
     up = torch.randn(2, *x.shape, generator=torch.Generator().manual_seed(3))
     block_kw = {"attention_mask": mask} if cls is ReversibleBERT else {}
     dx = []
@@ -304,7 +304,7 @@ def test_bf16_autocast_trains_with_float32_streams():
     ref_loss, ref_grads = loss_and_grads(model, ids)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, grads = loss_and_grads(model, ids)
-        streams = model.blocks(model.embed(ids))
+        streams = model.blocks(model.embed(ids) * model.config.embed_scale)
     assert all(s.dtype == torch.float32 for s in streams)
     assert rel(loss, ref_loss) <= 2e-2                      # bf16 matmuls: a few 2^-8 steps
     assert all(torch.isfinite(g).all() for g in grads.values())

@@ -43,6 +43,10 @@ class TransformerConfig:
     norm_eps: float = 1e-5                   # RMSNorm epsilon
     rope_theta: float = 10000.0              # RoPE base (Llama 3 uses 500000)
     tie_embeddings: bool = False             # share the token embedding with the output head
+    embed_scale: float | None = None         # streams start at embedding * embed_scale; None = sqrt(d_model).
+    # Why: with embeddings of std 0.02 the blocks' outputs dwarf the streams, and rebuilding inputs by
+    # subtraction then amplifies bf16 rounding block after block (measured drift 5e-2 after 4 blocks at
+    # d=1024; 2e-4 with sqrt(d) scaling, benchmarks/diagnose_drift.py). Gemma and T5 scale likewise.
     causal: bool = True                      # causal decoder; ReversibleBERT sets False
     stream_dtype: torch.dtype | None = torch.float32  # dtype of the two streams (None = the embedding's)
     loss_chunk_size: int = 4096              # tokens per chunk of the fused head + loss (logits chunk < 2^31)
@@ -52,6 +56,8 @@ class TransformerConfig:
     def __post_init__(self):
         if isinstance(self.coupling, CouplingType):
             self.coupling = self.coupling.value
+        if self.embed_scale is None and _is_int(self.d_model):
+            self.embed_scale = float(self.d_model) ** 0.5
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.d_ff is None and self.ffn in FFN_KINDS and _is_int(self.d_model):

@@ -88,7 +88,7 @@ class ReversibleLM(nn.Module):
 
     def hidden_states(self, input_ids: Tensor, **block_kwargs) -> Tensor:
         """``[B, S]`` ids -> ``[B, S, D]`` states after the final norm (no input checks)."""
-        x = self.embed(input_ids)                       # (B, S, D)
+        x = self.embed(input_ids) * self.config.embed_scale   # (B, S, D)
         y1, y2 = self.blocks(x, **block_kwargs)         # both streams start as the embedding
         return self.norm((y1 + y2) / 2)
 
@@ -190,7 +190,7 @@ class ReversibleTransformer(ReversibleLM):
 
     def _cached_step(self, ids: Tensor, caches: list[KVCache]) -> Tensor:
         """Logits ``[B, V]`` at the last of ``ids`` ``[B, T]``, appending their keys/values to ``caches``."""
-        x = self.embed(ids)
+        x = self.embed(ids) * self.config.embed_scale
         if self.blocks.stream_dtype is not None:
             x = x.to(self.blocks.stream_dtype)
         s = [x, x]
