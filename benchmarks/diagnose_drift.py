@@ -19,7 +19,7 @@ def main(layers=4, seq=8192):
     model = ReversibleGPT(dataclasses.replace(TransformerConfig.preset("S"), num_layers=layers)).cuda()
     ids = torch.randint(0, 32000, (1, seq), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        x = model.embed(ids).float()
+        x = (model.embed(ids) * model.config.embed_scale).float()
         c = model.blocks.blocks[0].coupling
         with torch.no_grad():
             a, b = c.f(x), c.f(x)
