@@ -1,0 +1,143 @@
+"""The seed's three trainer names: thin front doors over ``Trainer`` that take the seed's arguments.
+
+A seed argument that asks for something RevNet-Zero does not do raises a ValueError saying so; none
+is accepted and ignored.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .trainer import Trainer, TrainingConfig
+
+
+class LongContextTrainer(Trainer):
+    """Trainer for long sequences: ``max_length`` tokens per sequence, gradients accumulated over
+    ``gradient_accumulation_steps`` micro-batches.
+
+    ``use_linear_attention_approximation`` and ``attention_window_size`` would change the model's
+    attention, which is the model's choice, not the trainer's: build the model with the attention you
+    want (exact attention, or ``revnet_zero.layers.RationalFourierAttention`` for linear attention).
+    Turning them on here raises a ValueError.
+
+    Example::
+
+        trainer = LongContextTrainer(model, max_length=262144, gradient_accumulation_steps=32)
+        trainer.train(train_dataset=long_docs, eval_dataset=val, num_epochs=3, batch_size=1)
+    """
+
+    def __init__(self, model: nn.Module, max_length: int | None = None, gradient_accumulation_steps: int = 1,
+                 use_linear_attention_approximation: bool = False, attention_window_size: int | None = None,
+                 config: TrainingConfig | None = None, **overrides):
+        if use_linear_attention_approximation:
+            raise ValueError("use_linear_attention_approximation=True: the trainer cannot swap a model's "
+                             "attention; build the model with RationalFourierAttention layers instead")
+        if attention_window_size is not None:
+            raise ValueError(f"attention_window_size={attention_window_size}: windowed attention is not a "
+                             "trainer option; RevNet-Zero trains exact attention over the whole sequence "
+                             "(leave attention_window_size=None)")
+        model_max = getattr(getattr(model, "config", None), "max_seq_len", None)
+        if max_length is not None and model_max is not None and max_length > model_max:
+            raise ValueError(f"max_length={max_length} exceeds the model's max_seq_len={model_max}")
+        super().__init__(model, config, max_length=max_length,
+                         gradient_accumulation_steps=gradient_accumulation_steps, **overrides)
+
+
+class ReversibleAMPTrainer(Trainer):
+    """Trainer in mixed precision: fp16 autocast with dynamic loss scaling (``fp16=True``) or bf16
+    autocast (``fp16=False``, no scaling needed). Weights, optimizer state and the reversible streams
+    stay fp32.
+
+    ``loss_scale``: only ``'dynamic'`` (torch.amp.GradScaler). ``keep_batchnorm_fp32``: autocast
+    already runs normalisation in fp32, so True is what happens; False raises.
+
+    Example::
+
+        amp_trainer = ReversibleAMPTrainer(model, fp16=True, loss_scale="dynamic")
+        amp_trainer.train(train_loader=train_loader, num_steps=100000, gradient_clip=1.0)
+    """
+
+    def __init__(self, model: nn.Module, fp16: bool = True, loss_scale: str = "dynamic",
+                 keep_batchnorm_fp32: bool = True, config: TrainingConfig | None = None, **overrides):
+        if loss_scale != "dynamic":
+            raise ValueError(f"loss_scale={loss_scale!r}: only 'dynamic' loss scaling is implemented")
+        if not keep_batchnorm_fp32:
+            raise ValueError("keep_batchnorm_fp32=False: normalisation in fp16 is not offered; autocast "
+                             "keeps it in fp32")
+        super().__init__(model, config, precision="fp16" if fp16 else "bf16", **overrides)
+
+
+# JAX-style names of remat policies, and ours, mapped to the reversible stack's policy
+_POLICIES = {"nothing_saveable": "recompute", "everything_saveable": "store",
+             "recompute": "recompute", "store": "store"}
+
+
+class DistributedReversibleTrainer(Trainer):
+    """Trainer over ``torch.distributed`` ranks: DDP (a full copy per rank) or FSDP2 (``fully_shard``
+    per reversible block, then the whole model). Start the processes with torchrun and call
+    ``torch.distributed.init_process_group`` first.
+
+    ``gradient_checkpointing_policy``: ``'nothing_saveable'`` (= ``'recompute'``: reversible, no
+    activations kept) or ``'everything_saveable'`` (= ``'store'``: plain autograd). ``cpu_offload``
+    (FSDP only) keeps parameters, gradients and optimizer state in host memory.
+
+    Example::
+
+        torch.distributed.init_process_group("nccl")
+        trainer = DistributedReversibleTrainer(model, sharding_strategy="ddp")
+        trainer.train(train_dataloader=train_loader, num_epochs=10, log_memory_usage=True)
+    """
+
+    def __init__(self, model: nn.Module, sharding_strategy: str = "fsdp",
+                 gradient_checkpointing_policy: str = "nothing_saveable", cpu_offload: bool = False,
+                 config: TrainingConfig | None = None, **overrides):
+        import torch.distributed as dist
+        if sharding_strategy not in ("fsdp", "ddp"):
+            raise ValueError(f"sharding_strategy must be 'fsdp' or 'ddp', got {sharding_strategy!r}")
+        if gradient_checkpointing_policy not in _POLICIES:
+            raise ValueError(f"gradient_checkpointing_policy must be one of {sorted(_POLICIES)}, got "
+                             f"{gradient_checkpointing_policy!r}")
+        if cpu_offload and sharding_strategy != "fsdp":
+            raise ValueError("cpu_offload=True needs sharding_strategy='fsdp'")
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("DistributedReversibleTrainer needs torch.distributed initialised: start the "
+                               "processes with torchrun and call torch.distributed.init_process_group() "
+                               "first; on one device use Trainer")
+        blocks = getattr(model, "blocks", None)
+        if blocks is not None and hasattr(blocks, "set_policy"):
+            blocks.set_policy(_POLICIES[gradient_checkpointing_policy])
+        elif gradient_checkpointing_policy not in ("nothing_saveable", "recompute"):
+            raise ValueError(f"{type(model).__name__} has no reversible .blocks to set "
+                             f"{gradient_checkpointing_policy!r} on")
+        self.sharding_strategy, self.cpu_offload = sharding_strategy, cpu_offload
+        self._dist = dist
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        super().__init__(model, config, **overrides)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.sharding_strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+            ids = [self.device] if self.device.type == "cuda" else None
+            return DistributedDataParallel(model, device_ids=ids)
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+        offload = CPUOffloadPolicy() if self.cpu_offload else None
+        kwargs = {"offload_policy": offload} if offload is not None else {}
+        for block in getattr(getattr(model, "blocks", None), "blocks", []):
+            fully_shard(block, **kwargs)
+        return fully_shard(model, **kwargs)
+
+    def _sync(self, last_micro_batch: bool):
+        if last_micro_batch or self.sharding_strategy != "ddp":
+            return super()._sync(last_micro_batch)
+        return self.model.no_sync()
+
+    def _mean_over_ranks(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        self._dist.all_reduce(t)
+        return t.item() / self.world_size
+
+    def save(self, root=None):
+        if self.sharding_strategy == "fsdp":
+            raise NotImplementedError("checkpoints of FSDP-sharded models are not written yet (they need "
+                                      "torch.distributed.checkpoint); use sharding_strategy='ddp'")
+        return super().save(root)
