@@ -1,0 +1,185 @@
+"""BDIA: an exactly reversible form of a pretrained residual stack (Zhang, Lewis, Kleijn, arXiv 2407.09093).
+
+A pretrained layer computes ``x_{k+1} = L_k(x_k) = x_k + h_k(x_k)``. In training, BDIA runs
+
+    x_1     = L_0(x_0)
+    x_{k+1} = γ_k·x_{k-1} + (1-γ_k)·x_k + (1+γ_k)·h_k(x_k) = γ_k·x_{k-1} + (1+γ_k)·L_k(x_k) - 2γ_k·x_k
+
+with ``γ_k = ±γ0`` drawn per sample and layer (the mean over the sign is the original update); in
+eval ``γ = 0``, so the converted model *is* the pretrained one. Given ``x_{k+1}`` and ``x_k``, one
+call of ``L_k`` gives back ``x_{k-1}``, so training keeps no per-layer activations.
+
+Exactness: the activations live on the fixed-point grid of ``grid.py``. The forward is
+``X_{k+1} = Q[γ·x_{k-1}] + Q[(1+γ)·L_k(x_k) - 2γ·x_k]``; ``Q[γ·x_{k-1}]`` is a shift that drops
+the ``m`` low bits of ``X_{k-1}`` (``γ0 = 2^-m``), and those bits are stored (packed: m bits per
+element per layer). The backward walks the layers from the last pair ``(X_K, X_{K-1})`` down,
+rebuilding ``X_{k-1}`` bit for bit with the one recompute of ``L_k`` that also gives its gradients.
+
+Gradients: those of the unquantised formula evaluated at the grid values (the rounding ``Q`` is
+passed straight through). ``reference.py`` computes the same function with plain autograd, using
+``x + (Q(x) - x).detach()`` for every rounding; the tests pin this module to it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from ..engine import _autocast, _autocast_state, _leaf_aliases, _restored_rng, _rng_state
+from .grid import check_range, from_grid, gamma_step, gamma_unstep, pack_bits, to_grid, unpack_bits
+from .wrapping import WrappedLayer, _Stack, layer_arguments
+
+
+def draw_signs(batch: int, device: torch.device) -> Tensor:
+    """The signs of ``γ`` for one layer, ``[B]`` of ±1, from the global generator of ``device``."""
+    return torch.randint(0, 2, (batch,), device=device) * 2 - 1
+
+
+def gammas(signs: Tensor, m: int, like: Tensor) -> Tensor:
+    """``γ = signs · 2^-m`` in ``like``'s dtype, shaped ``[B, 1, ..., 1]`` to broadcast against it."""
+    return (signs.to(like.dtype) * 2.0 ** -m).view(-1, *[1] * (like.dim() - 1))
+
+
+def residual_update(y: Tensor, x: Tensor, gamma: Tensor | None) -> Tensor:
+    """``(1-γ)·x + (1+γ)·h`` with ``h = y - x``, written as ``(1+γ)·y - 2γ·x`` (no cancellation).
+    ``γ = None``: the first layer of a run, ``y`` itself. Shared by forward, backward and reference,
+    so all three round identically."""
+    if gamma is None:
+        return y
+    return (1 + gamma) * y - (2 * gamma) * x
+
+
+def _pack(t: Tensor) -> Tensor:
+    return t.detach()  # not t itself: a saved output would then hold its own grad_fn, a cycle that leaks the graph
+
+
+def _unpack(t: Tensor) -> Tensor:
+    return t
+
+
+def _run_layer(call, x: Tensor, gamma: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``residual_update(call(x), x, γ)`` with grad, ``x`` as a leaf: the forward runs it exactly like the
+    backward's recompute, so attention and matmul back ends that choose kernels by ``requires_grad``
+    choose the same ones and the rebuild is bitwise. The plain saved-tensor hooks keep outer hooks
+    (offloading, byte counters) away from this short-lived graph."""
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+        xg = x.detach().requires_grad_()
+        y = call(xg)
+        if not isinstance(y, Tensor):
+            raise TypeError(f"a converted layer must return a Tensor, got {type(y).__name__}")
+        return xg, residual_update(y, xg, gamma)
+
+
+class _Tape:
+    """The grid pair ``(X_{k+1}, X_k)`` of one run; ``pos`` is the layer ``k``. ``peak``: the largest |x|
+    put on the grid so far in the forward, checked once at the run's end (not a host sync per layer)."""
+
+    def __init__(self):
+        self.pair: tuple[Tensor, Tensor] | None = None
+        self.pos: int | None = None
+        self.peak: Tensor | None = None
+
+
+class _BDIAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, layer, call, tape, slot, x_prev, x, *params):
+        index, starts, ends, signs, m = slot
+        ctx.layer, ctx.call, ctx.tape, ctx.params = layer, call, tape, params
+        ctx.index, ctx.starts, ctx.ends, ctx.m, ctx.dtype = index, starts, ends, m, x.dtype
+        ctx.device, ctx.autocast = x.device, _autocast_state(x.device.type)
+        if starts:
+            tape.peak = x.detach().abs().amax().float()
+            X_cur = to_grid(x)
+            x = from_grid(X_cur, x.dtype)  # x_0 on the grid
+        else:
+            X_cur, X_prev = tape.pair  # x is from_grid(X_cur): the previous layer returned it
+        ctx.rng = _rng_state(x.device)
+        gamma = None if starts else gammas(signs, m, x)
+        _, b = _run_layer(call, x, gamma)
+        tape.peak = torch.maximum(tape.peak, b.detach().abs().amax().float())
+        X_next = to_grid(b.detach())
+        saved = []
+        if not starts:
+            A, low = gamma_step(X_prev, signs, m)
+            X_next += A
+            saved = [signs, pack_bits(low, m)]
+        tape.pair, tape.pos = (X_next, X_cur), index
+        if ends:  # the run's outputs: kept for its backward, which starts here
+            check_range(tape.peak)  # the backward's recompute gives the same values: no check there
+            saved += [X_next, X_cur]
+            tape.pair = None
+        ctx.save_for_backward(*saved)
+        return from_grid(X_next, x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        tape, saved = ctx.tape, ctx.saved_tensors
+        if ctx.ends:
+            tape.pair, tape.pos = (saved[-2], saved[-1]), ctx.index
+        elif tape.pos != ctx.index:
+            raise RuntimeError(f"BDIA backward reached layer {ctx.index} while the tape holds the outputs of layer "
+                               f"{tape.pos}: the backward must run from the run's outputs through every layer")
+        X_next, X_cur = tape.pair
+        x = from_grid(X_cur, ctx.dtype)
+        signs = None if ctx.starts else saved[0]
+        gamma = None if ctx.starts else gammas(signs, ctx.m, x)
+        needed = [p for p, need in zip(ctx.params, ctx.needs_input_grad[6:]) if need]
+        with _leaf_aliases(ctx.layer, needed) as alias, _autocast(ctx.autocast), \
+                _restored_rng(ctx.rng, ctx.device):
+            xg, b = _run_layer(ctx.call, x, gamma)
+        leaves = [alias[id(p)] for p in needed]
+        gs = torch.autograd.grad(b, [xg, *leaves], dout.to(b.dtype), allow_unused=True)
+        dx = gs[0] if gs[0] is not None else torch.zeros_like(xg)
+        by_id = {id(p): g for p, g in zip(needed, gs[1:])}
+        pgrads = [by_id.get(id(p)) for p in ctx.params]
+        if ctx.starts:
+            tape.pair, tape.pos = None, None
+            return (None, None, None, None, None, dx, *pgrads)
+        with torch.no_grad():
+            low = unpack_bits(saved[1], ctx.m, X_cur.shape)
+            X_prev = gamma_unstep(X_next - to_grid(b.detach()), low, signs, ctx.m)
+        tape.pair, tape.pos = (X_cur, X_prev), ctx.index - 1
+        return (None, None, None, None, dout * gamma.to(dout.dtype), dx, *pgrads)
+
+
+class BDIALayer(WrappedLayer):
+    """A pretrained decoder layer run as one BDIA step (see the module docstring).
+
+    Eval or ``torch.no_grad()``: the layer itself, exactly. Training with grad: the BDIA update
+    with fresh signs ``γ = ±gamma0`` per sample, keeping only the ``m`` lost bits per element.
+    """
+
+    def __init__(self, layer: nn.Module, index: int, stack: _Stack, starts: bool, ends: bool, m: int):
+        super().__init__(index, stack, starts, ends)
+        self.layer, self.m = layer, m
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        if not (self.training and torch.is_grad_enabled()):
+            return self.layer(hidden_states, *args, **kwargs)
+        self._check_layer()
+        args, kwargs = layer_arguments(self.layer, args, kwargs, training=True)
+        run = self._enter(hidden_states)
+        if self.starts:
+            run.tape = _Tape()
+        signs = None if self.starts else draw_signs(hidden_states.shape[0], hidden_states.device)
+        params = [p for p in self.layer.parameters() if p.requires_grad]
+        slot = (self.index, self.starts, self.ends, signs, self.m)
+        out = _BDIAFunction.apply(self.layer, _Call(self.layer, args, kwargs), run.tape, slot,
+                                  run.prev, hidden_states, *params)
+        run.prev = hidden_states
+        self._leave(run, out)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, gamma0=1/{2 ** self.m}"
+
+
+class _Call:
+    """``layer(x, *args, **kwargs)``: the layer with the arguments the model passed it."""
+
+    def __init__(self, layer: nn.Module, args: tuple, kwargs: dict):
+        self.layer, self.args, self.kwargs = layer, args, kwargs
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.layer(x, *self.args, **self.kwargs)

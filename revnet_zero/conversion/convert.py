@@ -1,0 +1,236 @@
+"""``convert_to_reversible`` / ``convert_from_reversible`` for Hugging Face decoder models."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .bdia import BDIALayer
+from .grid import gamma_bits
+from .reference import BDIAReferenceLayer
+from .two_stream import TwoStreamLayer
+from .wrapping import CheckpointedLayer, WrappedLayer, _Stack
+
+COUPLINGS = ("bdia", "additive", "affine")
+# Pre-norm residual decoder layers, by the sub-modules that identify them.
+LAYOUTS = {"GPT-2": ("ln_1", "attn", "ln_2", "mlp"),
+           "Llama": ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")}
+SUPPORTED = ("GPT2Model, GPT2LMHeadModel, LlamaModel, LlamaForCausalLM and other Hugging Face models whose "
+             "decoder layers sit in a ModuleList at .h or .layers (Mistral, Qwen2, ...)")
+
+
+@dataclass
+class ConversionReport:
+    """What ``convert_to_reversible`` did, and the measured output gap (eval, fp as the model)."""
+
+    model: str                 # class name of the converted model
+    coupling: str              # 'bdia', 'additive' or 'affine'
+    setting: str               # gamma0 (bdia) or scale (two-stream)
+    reversible: list[int]      # indices of the layers made reversible
+    checkpointed: list[tuple[int, str, str]] = field(default_factory=list)  # (index, class, why)
+    compared: str = ""         # which output the gap is measured on, and the probe's shape
+    gap_max_abs: float = float("nan")  # max |converted - original|
+    gap_rel: float = float("nan")      # ||converted - original|| / ||original||
+
+    def __str__(self) -> str:
+        lines = [f"convert_to_reversible: {self.model}, coupling={self.coupling!r} ({self.setting}), "
+                 f"{len(self.reversible) + len(self.checkpointed)} layers",
+                 f"  reversible layers: {_ranges(self.reversible) or 'none'}"]
+        if self.checkpointed:
+            lines.append("  activation checkpointing (could not be made reversible):")
+            lines += [f"    layer {i} ({name}): {why}" for i, name, why in self.checkpointed]
+        else:
+            lines.append("  activation checkpointing: none")
+        lines.append(f"  conversion gap on {self.compared}: max |diff| {self.gap_max_abs:.3g}, "
+                     f"relative {self.gap_rel:.3g}")
+        return "\n".join(lines)
+
+
+def _ranges(ix: list[int]) -> str:
+    out, start = [], None
+    for j, i in enumerate(ix):
+        if start is None:
+            start = i
+        if j + 1 == len(ix) or ix[j + 1] != i + 1:
+            out.append(f"{start}" if start == i else f"{start}-{i}")
+            start = None
+    return ", ".join(out)
+
+
+def _layer_list(model: nn.Module) -> tuple[nn.Module, str]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert_to_reversible needs a torch.nn.Module, got {type(model).__name__}")
+    base = getattr(model, "base_model", model)
+    for name in ("h", "layers"):
+        if isinstance(getattr(base, name, None), nn.ModuleList):
+            return base, name
+    raise TypeError(f"convert_to_reversible supports {SUPPORTED}; {type(model).__name__} has no such layer list")
+
+
+def _why_not_reversible(layer: nn.Module) -> str | None:
+    if any(all(hasattr(layer, n) for n in names) for names in LAYOUTS.values()):
+        return None
+    layouts = "; ".join(f"{k}: {', '.join(v)}" for k, v in LAYOUTS.items())
+    return f"not a recognised pre-norm residual layer (expected sub-modules {layouts})"
+
+
+def _refuse_stateful(layers: nn.ModuleList) -> None:
+    for i, layer in enumerate(layers):
+        for name, m in layer.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                raise ValueError(f"layer {i} has {type(m).__name__} {name!r} with running statistics, which "
+                                 "recomputing the layer would update twice; neither a reversible layer nor "
+                                 "checkpointing can run it")
+
+
+def _wrap(model: nn.Module, make, checkpoint_segments: int | None) -> tuple[list[int], list]:
+    """Replace every decoder layer by ``make(layer, index, stack, starts, ends, pos_in_run)`` or, when it
+    cannot be made reversible, by a ``CheckpointedLayer``."""
+    base, name = _layer_list(model)
+    layers = getattr(base, name)
+    if any(isinstance(m, WrappedLayer) for m in layers):
+        raise ValueError(f"{type(model).__name__} is already converted; convert_from_reversible undoes it")
+    if any(getattr(m, "gradient_checkpointing", False) for m in (base, *layers)):
+        raise ValueError("the model has Hugging Face gradient checkpointing enabled; call "
+                         "model.gradient_checkpointing_disable() first (converted layers that cannot be made "
+                         "reversible are checkpointed by the converter)")
+    _refuse_stateful(layers)
+    why = [_why_not_reversible(layer) for layer in layers]
+    fallback = [(i, type(layers[i]).__name__, w) for i, w in enumerate(why) if w is not None]
+    if checkpoint_segments is not None and len(fallback) > checkpoint_segments:
+        names = ", ".join(f"{i} ({c})" for i, c, _ in fallback)
+        raise ValueError(f"{len(fallback)} layers cannot be made reversible ({names}) but checkpoint_segments="
+                         f"{checkpoint_segments} allows at most {checkpoint_segments} checkpointed layers")
+    stack, n, pos = _Stack(), len(layers), 0
+    for i in range(n):
+        if why[i] is not None:
+            layers[i], pos = CheckpointedLayer(layers[i], i, stack), 0
+            continue
+        starts, ends = i == 0 or why[i - 1] is not None, i == n - 1 or why[i + 1] is not None
+        layers[i] = make(layers[i], i, stack, starts, ends, pos)
+        pos += 1
+    return [i for i in range(n) if why[i] is None], fallback
+
+
+def _probe_output(model: nn.Module, ids: Tensor) -> tuple[Tensor, str]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids)
+    finally:
+        model.train(was_training)
+    logits = getattr(out, "logits", None)
+    return (logits, "logits") if logits is not None else (out.last_hidden_state, "last_hidden_state")
+
+
+def _default_probe(model: nn.Module) -> Tensor:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int):
+        raise ValueError(f"cannot build a probe for {type(model).__name__} (no config.vocab_size); pass probe=")
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)  # a local generator: the global RNG is left alone
+    return torch.randint(0, vocab, (1, 32), generator=gen).to(device)
+
+
+def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_segments: int | None = None, *,
+                          gamma0: float = 0.5, scale: float = 0.5, probe: Tensor | None = None,
+                          inplace: bool = False, verbose: bool = True) -> nn.Module:
+    """A Hugging Face decoder model whose training keeps no per-layer activations.
+
+    Supported: GPT2Model, GPT2LMHeadModel, LlamaModel, LlamaForCausalLM and models whose decoder
+    layers have the same structure (Mistral, Qwen2, ...). The result is the same model class with
+    the same weights and output types (``.last_hidden_state``, ``.logits``, ``.loss``).
+
+    ``coupling``:
+      * ``'bdia'`` (default): exact. Eval / ``torch.no_grad()`` run the original layers, so outputs
+        equal the original model's; training runs BDIA (``gamma0`` ∈ {1/2, 1/4, 1/8}: the size of
+        the random ±γ per sample and layer), rebuilding every activation bit for bit in backward
+        and storing ``log2(1/gamma0)`` bits per activation element per layer.
+      * ``'additive'`` / ``'affine'``: two-stream couplings (``affine``: constant scale ``scale``,
+        MEFT-style); they change the function: the gap is measured and reported, not hidden.
+
+    ``checkpoint_segments``: layers that cannot be made reversible (not a recognised pre-norm
+    residual layer) run under activation checkpointing, one segment each (it keeps the layer's
+    input); this is the most such layers allowed (``None``: no limit; ``0``: all must be reversible).
+
+    The gap is measured in eval on ``probe`` (default: 32 random tokens) against the unconverted
+    model; the report is printed (``verbose``) and kept as ``model.reversible_report``.
+    The model is copied unless ``inplace=True``.
+
+    Example::
+
+        model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=64, n_head=4))
+        rev = convert_to_reversible(model)          # prints which layers became reversible, and the gap
+        rev.train()
+        rev(input_ids=ids, labels=ids).loss.backward()
+    """
+    coupling = getattr(coupling, "value", coupling)  # CouplingType.ADDITIVE -> 'additive'
+    if coupling not in COUPLINGS:
+        raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
+    if checkpoint_segments is not None and (isinstance(checkpoint_segments, bool)
+                                            or not isinstance(checkpoint_segments, int) or checkpoint_segments < 0):
+        raise ValueError(f"checkpoint_segments must be None or an int >= 0, got {checkpoint_segments!r}")
+    m = gamma_bits(gamma0)
+    if coupling == "affine" and not 0 < scale < 1:
+        raise ValueError(f"scale (the affine coupling's constant λ) must be in (0, 1), got {scale!r}")
+    lam = 1.0 if coupling == "additive" else scale
+    _layer_list(model)
+    if probe is None:
+        probe = _default_probe(model)
+    reference, compared = _probe_output(model, probe)
+    if not inplace:
+        model = copy.deepcopy(model)
+    if coupling == "bdia":
+        def make(layer, i, stack, starts, ends, pos):
+            return BDIALayer(layer, i, stack, starts, ends, m)
+        setting = f"gamma0=1/{2 ** m}"
+    else:
+        def make(layer, i, stack, starts, ends, pos):
+            return TwoStreamLayer(layer, i, stack, starts, ends, dst=pos % 2, scale=lam)
+        setting = f"scale={lam:g}"
+    reversible, fallback = _wrap(model, make, checkpoint_segments)
+    out, _ = _probe_output(model, probe)
+    diff = (out.double() - reference.double())
+    report = ConversionReport(type(model).__name__, coupling, setting, reversible, fallback,
+                              compared=f"{compared}, probe {tuple(probe.shape)}",
+                              gap_max_abs=diff.abs().max().item(),
+                              gap_rel=(diff.norm() / reference.double().norm().clamp_min(1e-300)).item())
+    model.reversible_report = report
+    if verbose:
+        print(report)
+    return model
+
+
+def bdia_reference(model: nn.Module, gamma0: float = 0.5) -> nn.Module:
+    """A copy of an unconverted model whose training forward is BDIA under plain autograd (every
+    activation kept): the reference that ``convert_to_reversible(coupling='bdia')`` is tested against."""
+    m = gamma_bits(gamma0)
+    model = copy.deepcopy(model)
+    _wrap(model, lambda layer, i, stack, starts, ends, pos: BDIAReferenceLayer(layer, i, stack, starts, ends, m),
+          None)
+    return model
+
+
+def convert_from_reversible(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The plain Hugging Face model again: every converted layer replaced by the layer it wraps (same
+    weights, fine-tuned ones included), so ``save_pretrained`` writes the original format and the
+    result loads in plain ``transformers``. For 'bdia' this is the converted model's eval function
+    exactly; for 'additive'/'affine' it differs from the converted model by the conversion gap.
+    The model is copied unless ``inplace=True``.
+    """
+    base, name = _layer_list(model)
+    if not any(isinstance(m, WrappedLayer) for m in getattr(base, name)):
+        raise ValueError(f"{type(model).__name__} has no converted layers; nothing to undo")
+    if not inplace:
+        model = copy.deepcopy(model)
+        base, name = _layer_list(model)
+    layers = getattr(base, name)
+    for i, m in enumerate(layers):
+        if isinstance(m, WrappedLayer):
+            layers[i] = m.layer
+    if "reversible_report" in model.__dict__:
+        del model.reversible_report
+    return model

@@ -1,0 +1,467 @@
+"""Pretrained Hugging Face models made reversible (revnet_zero.conversion), on tiny local configs.
+
+Tolerances:
+* eval / no_grad, 'bdia': atol 1e-5 (the seed's check); the converted layers *are* the original
+  ones in eval, so the outputs are in fact bitwise equal, and the tests say so.
+* training, 'bdia', against ``bdia_reference`` (plain autograd of the same quantised forward, with
+  straight-through rounding): relative error <= 1e-6 in fp32. The reference computes the same
+  fp32 ops in the same order and holds the grid streams exactly in float64, so in practice the
+  losses are bitwise equal and the gradients agree to the last bit or within a few ulps.
+* rebuilt activations: bitwise (``torch.equal``) on the int64 grid.
+* 'additive'/'affine' against the engine's own plain-autograd policy ('store'): relative error
+  <= 1e-5, since their inverse subtracts in floating point and 'affine' divides by its scale.
+"""
+import copy
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+from transformers import (GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig,  # noqa: E402
+                          LlamaForCausalLM, LlamaModel)
+
+from revnet_zero.conversion import (bdia_reference, convert_from_reversible,  # noqa: E402
+                                    convert_to_reversible)
+from revnet_zero.conversion import bdia as bdia_module  # noqa: E402
+from revnet_zero.conversion.grid import (gamma_step, gamma_unstep, pack_bits, to_grid,  # noqa: E402
+                                         unpack_bits)
+
+VOCAB = 101
+
+
+def gpt2_config(layers=3, dropout=0.1):
+    return GPT2Config(n_layer=layers, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=512, bos_token_id=0,
+                      eos_token_id=0, pad_token_id=0, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+
+
+def llama_config(layers=3, dropout=0.1):
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0,
+                       eos_token_id=0, pad_token_id=0, attention_dropout=dropout)
+
+
+BUILDERS = {
+    "GPT2Model": lambda: GPT2Model(gpt2_config()),
+    "GPT2LMHeadModel": lambda: GPT2LMHeadModel(gpt2_config()),
+    "LlamaModel": lambda: LlamaModel(llama_config()),
+    "LlamaForCausalLM": lambda: LlamaForCausalLM(llama_config()),
+}
+
+
+def ids(batch=2, length=19, seed=1):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def main_output(out):
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def train_step(model, x, seed=5, labels=True):
+    """Loss and every parameter gradient of one training-mode step (same seed: same signs and dropout)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(input_ids=x, labels=x) if labels else model(input_ids=x)
+    loss = out.loss if labels else main_output(out).pow(2).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def layers_of(model):
+    base = model.base_model
+    return base.h if hasattr(base, "h") else base.layers
+
+
+# ---------------------------------------------------------------- eval: the original model, exactly
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_eval_outputs_equal_the_original(name):
+    torch.manual_seed(0)
+    original = BUILDERS[name]().eval()
+    x = ids(length=23)
+    converted = convert_to_reversible(original, checkpoint_segments=4)  # the seed's call, coupling left out
+    with torch.no_grad():
+        a = original(input_ids=x, output_hidden_states=True)
+        b = converted(input_ids=x, output_hidden_states=True)
+    assert torch.allclose(main_output(a), main_output(b), atol=1e-5)
+    assert torch.equal(main_output(a), main_output(b))
+    assert len(a.hidden_states) == len(b.hidden_states) == 4
+    assert all(torch.equal(u, v) for u, v in zip(a.hidden_states, b.hidden_states))
+    assert type(b) is type(a)
+    assert converted.reversible_report.gap_max_abs == 0.0
+    if name.endswith(("LMHeadModel", "CausalLM")):
+        with torch.no_grad():
+            la, lb = original(input_ids=x, labels=x).loss, converted(input_ids=x, labels=x).loss
+        assert torch.equal(la, lb)
+
+
+def test_no_grad_in_train_mode_is_the_original_too():
+    torch.manual_seed(0)
+    original = GPT2Model(gpt2_config(dropout=0.0))
+    converted = convert_to_reversible(original, verbose=False).train()
+    with torch.no_grad():
+        assert torch.equal(original.train()(input_ids=ids()).last_hidden_state,
+                           converted(input_ids=ids()).last_hidden_state)
+
+
+def test_generate_with_kv_cache_matches():
+    torch.manual_seed(0)
+    original = GPT2LMHeadModel(gpt2_config()).eval()
+    converted = convert_to_reversible(original, verbose=False)
+    x = ids(batch=1, length=5)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(original.generate(x, **kw), converted.generate(x, **kw))
+
+
+# ---------------------------------------------------------------- training: exact gradients
+
+@pytest.mark.parametrize("gamma0", [1 / 2, 1 / 4, 1 / 8])
+@pytest.mark.parametrize("name", ["GPT2LMHeadModel", "LlamaForCausalLM"])
+def test_bdia_gradients_equal_plain_autograd_reference(name, gamma0):
+    torch.manual_seed(0)
+    original = BUILDERS[name]()  # dropout 0.1: the recompute must redraw the same masks
+    converted = convert_to_reversible(original, gamma0=gamma0, verbose=False)
+    reference = bdia_reference(original, gamma0=gamma0)
+    x = ids()
+    loss, grads = train_step(converted, x)
+    ref_loss, ref_grads = train_step(reference, x)
+    assert torch.equal(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys() and len(grads) == len(list(original.parameters()))
+    worst = max(rel_err(grads[n], ref_grads[n]) for n in grads)
+    assert worst <= 1e-6, worst
+    # the training forward is BDIA, not the original: with gamma != 0 the loss moves
+    original.train()
+    torch.manual_seed(5)
+    assert not torch.equal(original(input_ids=x, labels=x).loss, loss)
+
+
+def test_backward_twice_with_retained_graph():
+    """The run's last pair is saved, the rest rebuilt into new tensors: a retained graph walks again."""
+    torch.manual_seed(0)
+    converted = convert_to_reversible(GPT2LMHeadModel(gpt2_config()), verbose=False).train()
+    loss = converted(input_ids=ids(), labels=ids()).loss
+    params = list(converted.parameters())
+    first = torch.autograd.grad(loss, params, retain_graph=True)
+    second = torch.autograd.grad(loss, params)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_bdia_gradients_under_bf16_autocast():
+    torch.manual_seed(0)
+    original = LlamaForCausalLM(llama_config(dropout=0.0))
+    converted = convert_to_reversible(original, verbose=False)
+    reference = bdia_reference(original)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = train_step(converted, ids())
+        ref_loss, ref_grads = train_step(reference, ids())
+    assert torch.equal(loss, ref_loss)
+    assert max(rel_err(grads[n], ref_grads[n]) for n in grads) <= 1e-6
+
+
+def test_rebuilt_activations_are_bitwise_the_forward_ones(monkeypatch):
+    """Record every grid tensor the Function turns into floats: in forward, X_0 and each layer's output
+    X_{k+1}; in backward, each layer's rebuilt input X_k. Embeddings are scaled up so that the grid
+    integers exceed 2^24 (where fp32 no longer holds them exactly)."""
+    torch.manual_seed(0)
+    original = GPT2LMHeadModel(gpt2_config(layers=5))
+    with torch.no_grad():
+        original.transformer.wte.weight.mul_(300)
+    converted = convert_to_reversible(original, gamma0=1 / 8, verbose=False)
+    seen = []
+    real = bdia_module.from_grid
+
+    def recording(X, dtype):
+        seen.append(X.clone())
+        return real(X, dtype)
+
+    monkeypatch.setattr(bdia_module, "from_grid", recording)
+    train_step(converted, ids())
+    forward, backward = seen[:6], seen[6:]  # X_0..X_5, then X_4..X_0
+    assert len(backward) == 5
+    assert max(X.abs().max().item() for X in forward) > 2 ** 24
+    for k, X in zip(range(4, -1, -1), backward):
+        assert torch.equal(X, forward[k]), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (SDPA's CUDA back ends)")
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("name", ["GPT2LMHeadModel", "LlamaForCausalLM"])
+def test_bdia_on_cuda(name, autocast, monkeypatch):
+    """On the GPU, SDPA picks flash / memory-efficient / cuDNN kernels by dtype and requires_grad: the
+    forward runs the layer as the recompute does, so the rebuild stays bitwise. Gradients may differ
+    from the reference by the GPU's nondeterministic backward sums (atomics): fp32 1e-5, bf16 1e-2."""
+    torch.manual_seed(0)
+    original = BUILDERS[name]().cuda()
+    converted = convert_to_reversible(original, verbose=False)
+    reference = bdia_reference(original)
+    x = ids(2, 256).cuda()
+    seen, real = [], bdia_module.from_grid
+    monkeypatch.setattr(bdia_module, "from_grid", lambda X, dtype: (seen.append(X.clone()), real(X, dtype))[1])
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        loss, grads = train_step(converted, x)
+        ref_loss, ref_grads = train_step(reference, x)
+    forward, backward = seen[:4], seen[4:]
+    assert all(torch.equal(X, forward[k]) for k, X in zip((2, 1, 0), backward))
+    assert torch.equal(loss, ref_loss)
+    assert max(rel_err(grads[n], ref_grads[n]) for n in grads) <= (1e-2 if autocast else 1e-5)
+    with torch.no_grad():
+        original.eval(), converted.eval()
+        assert torch.equal(original(input_ids=x).logits, converted(input_ids=x).logits)
+
+
+def test_grid_steps_invert_exactly():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randint(-2 ** 60, 2 ** 60, (3, 7, 5), generator=g)
+    signs = torch.randint(0, 2, (3,), generator=g) * 2 - 1
+    for m in (1, 2, 3):
+        A, low = gamma_step(X, signs, m)
+        assert torch.equal(unpack_bits(pack_bits(low, m), m, X.shape), low)
+        assert torch.equal(gamma_unstep(A, low, signs, m), X)
+        assert pack_bits(low, m).numel() == -(-X.numel() // 8) * m  # m bits an element
+    x = torch.tensor([-3.25, 2.0 ** -24, 1e6])
+    assert torch.equal(to_grid(x), torch.tensor([-3.25 * 2 ** 24, 1, 1e6 * 2 ** 24]).long())
+
+
+def test_non_finite_activations_are_refused_not_rounded():
+    torch.manual_seed(0)
+    converted = convert_to_reversible(GPT2LMHeadModel(gpt2_config()), verbose=False).train()
+    with torch.no_grad():
+        converted.transformer.h[1].layer.mlp.c_fc.bias[0] = float("inf")
+    with pytest.raises(FloatingPointError, match="fixed-point grid cannot hold"):
+        converted(input_ids=ids(), labels=ids())
+
+
+def saved_bytes(fn):
+    """Bytes of distinct storages saved for backward while running fn() (as in test_engine.py)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def test_forward_leaves_no_layer_activation_alive():
+    """The forward runs each layer with autograd on (as the recompute does) and drops that graph at once:
+    no intermediate of any layer may outlive it (a leaked graph would cost more than plain autograd)."""
+    torch.manual_seed(0)
+    converted = convert_to_reversible(GPT2LMHeadModel(gpt2_config()), verbose=False).train()
+    alive = []
+    for block in converted.transformer.h:
+        block.layer.mlp.c_fc.register_forward_hook(lambda mod, inp, out: alive.append(weakref.ref(out)))
+    loss = converted(input_ids=ids(), labels=ids()).loss
+    assert len(alive) == 3 and all(r() is None for r in alive)
+    loss.backward()
+    assert len(alive) == 6 and all(r() is None for r in alive)
+
+
+def test_saved_memory_grows_only_by_the_stored_bits():
+    """Per extra layer, training keeps the m lost bits of each activation element (packed) and B signs:
+    B*S*D*m/8 + 8*B bytes. Plain autograd keeps the layer's activations."""
+    B, S, D = 2, 64, 64
+    x = ids(B, S)
+
+    def run(model):
+        model.train()
+        return model(input_ids=x).last_hidden_state.pow(2).mean()
+
+    def converted(depth, gamma0=1 / 2):
+        torch.manual_seed(0)
+        return convert_to_reversible(GPT2Model(gpt2_config(depth, dropout=0.0)), gamma0=gamma0, verbose=False)
+
+    for gamma0, m in ((1 / 2, 1), (1 / 8, 3)):
+        rev2, _ = saved_bytes(lambda: run(converted(2, gamma0)))
+        rev8, loss = saved_bytes(lambda: run(converted(8, gamma0)))
+        loss.backward()
+        per_layer = (rev8 - rev2) / 6
+        assert per_layer <= B * S * D * m / 8 + 8 * B, per_layer
+    torch.manual_seed(0)
+    plain8, _ = saved_bytes(lambda: run(GPT2Model(gpt2_config(8, dropout=0.0))))
+    print(f"saved bytes: BDIA L=2 {rev2}, L=8 {rev8}; plain L=8 {plain8}")
+    assert plain8 > 4 * rev8
+
+
+# ---------------------------------------------------------------- two-stream couplings: reported gap
+
+@pytest.mark.parametrize("coupling", ["additive", "affine"])
+@pytest.mark.parametrize("name", ["GPT2LMHeadModel", "LlamaModel"])
+def test_two_stream_gap_is_measured_and_reported(name, coupling, capsys):
+    torch.manual_seed(0)
+    original = BUILDERS[name]().eval()
+    probe = ids(1, 32, seed=9)
+    converted = convert_to_reversible(original, coupling=coupling, probe=probe)
+    report = converted.reversible_report
+    printed = capsys.readouterr().out
+    assert "conversion gap" in printed and f"{report.gap_max_abs:.3g}" in printed
+    with torch.no_grad():
+        a, b = main_output(original(input_ids=probe)), main_output(converted(input_ids=probe))
+    assert report.gap_max_abs == (b.double() - a.double()).abs().max().item() > 1e-3  # a real, visible gap
+    assert report.gap_rel == pytest.approx(rel_err(b, a), rel=1e-9)
+
+
+def test_affine_scale_shrinks_the_gap():
+    torch.manual_seed(0)
+    original = GPT2LMHeadModel(gpt2_config(layers=4))
+    gaps = [convert_to_reversible(original, coupling=c, scale=s, verbose=False).reversible_report.gap_rel
+            for c, s in (("additive", 0.5), ("affine", 0.5), ("affine", 0.125))]
+    assert gaps[0] > gaps[1] > gaps[2] > 0
+
+
+@pytest.mark.parametrize("coupling", ["additive", "affine"])
+@pytest.mark.parametrize("name", ["GPT2LMHeadModel", "LlamaModel"])
+def test_two_stream_gradients_equal_plain_autograd(name, coupling):
+    torch.manual_seed(0)
+    converted = convert_to_reversible(BUILDERS[name](), coupling=coupling, verbose=False)
+    plain = copy.deepcopy(converted)
+    for layer in layers_of(plain):
+        layer.block.policy = "store"  # the engine's plain-autograd path, same forward
+    loss, grads = train_step(converted, ids(), labels=False)
+    ref_loss, ref_grads = train_step(plain, ids(), labels=False)
+    assert torch.equal(loss, ref_loss)
+    assert max(rel_err(grads[n], ref_grads[n]) for n in grads) <= 1e-5
+
+
+# ---------------------------------------------------------------- checkpointing fallback
+
+class OddLayer(nn.Module):
+    """A decoder layer of no recognised layout (no ln_1/attn/... sub-modules)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states + torch.tanh(self.proj(hidden_states))
+
+
+def test_unrecognised_layers_fall_back_to_checkpointing(capsys):
+    torch.manual_seed(0)
+    original = GPT2LMHeadModel(gpt2_config(layers=4))
+    original.transformer.h[2] = OddLayer(64)
+    converted = convert_to_reversible(original, checkpoint_segments=1)
+    printed = capsys.readouterr().out
+    assert "layer 2 (OddLayer)" in printed and "reversible layers: 0-1, 3" in printed
+    assert [i for i, *_ in converted.reversible_report.checkpointed] == [2]
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(original.eval()(input_ids=x).logits, converted.eval()(input_ids=x).logits)
+    loss, grads = train_step(converted, x)
+    ref_loss, ref_grads = train_step(bdia_reference(original), x)
+    assert torch.equal(loss, ref_loss)
+    assert max(rel_err(grads[n], ref_grads[n]) for n in grads) <= 1e-6
+    with pytest.raises(ValueError, match=r"1 layers cannot be made reversible \(2 \(OddLayer\)\).*checkpoint_segments=0"):
+        convert_to_reversible(original, checkpoint_segments=0, verbose=False)
+
+
+# ---------------------------------------------------------------- back to plain transformers
+
+@pytest.mark.parametrize("cls, config", [(GPT2LMHeadModel, gpt2_config), (LlamaForCausalLM, llama_config)])
+def test_round_trip_loads_in_plain_transformers(cls, config, tmp_path):
+    torch.manual_seed(0)
+    original = cls(config())
+    converted = convert_to_reversible(original, verbose=False)
+    opt = torch.optim.SGD(converted.parameters(), lr=0.1)
+    for step in range(2):
+        train_step(converted, ids(seed=step), seed=step)
+        opt.step()
+    plain = convert_from_reversible(converted)
+    plain.save_pretrained(tmp_path)
+    loaded = cls.from_pretrained(tmp_path).eval()
+    assert all(type(layer) is type(layers_of(original)[0]) for layer in layers_of(loaded))
+    x = ids(seed=7)
+    with torch.no_grad():
+        tuned = converted.eval()(input_ids=x).logits
+        assert not torch.allclose(tuned, original.eval()(input_ids=x).logits, atol=1e-3)  # it did train
+        assert torch.equal(loaded(input_ids=x).logits, tuned)
+
+
+# ---------------------------------------------------------------- LoRA: frozen base, adapters trained
+
+class LoRA(nn.Module):
+    """A hand-written low-rank adapter around a frozen GPT-2 Conv1D (``x @ W + b``)."""
+
+    def __init__(self, base, r=4):
+        super().__init__()
+        d_in, d_out = base.weight.shape
+        self.base = base
+        self.A = nn.Parameter(torch.randn(d_in, r) * 0.1)
+        self.B = nn.Parameter(torch.randn(r, d_out) * 0.1)
+
+    def forward(self, x):
+        return self.base(x) + x @ self.A @ self.B
+
+
+def test_frozen_base_with_adapters_trains_only_the_adapters():
+    torch.manual_seed(0)
+    original = GPT2LMHeadModel(gpt2_config())
+    original.requires_grad_(False)
+    for block in original.transformer.h:
+        block.attn.c_attn = LoRA(block.attn.c_attn)
+    converted = convert_to_reversible(original, verbose=False)
+    loss, grads = train_step(converted, ids())
+    ref_loss, ref_grads = train_step(bdia_reference(original), ids())
+    assert sorted(grads) == sorted(n for n, p in converted.named_parameters() if p.requires_grad)
+    assert all(n.endswith((".A", ".B")) for n in grads) and len(grads) == 6
+    assert torch.equal(loss, ref_loss)
+    assert max(rel_err(grads[n], ref_grads[n]) for n in grads) <= 1e-6
+
+
+def test_peft_lora_adapters():
+    peft = pytest.importorskip("peft", reason="peft is not installed here (no network to install it); the "
+                                              "hand-written adapter test covers frozen-base training")
+    torch.manual_seed(0)
+    original = GPT2LMHeadModel(gpt2_config())
+    config = dict(r=4, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0, init_lora_weights=False)
+    torch.manual_seed(1)
+    converted = peft.get_peft_model(convert_to_reversible(original, verbose=False), peft.LoraConfig(**config))
+    torch.manual_seed(1)
+    reference = peft.get_peft_model(bdia_reference(original), peft.LoraConfig(**config))
+    loss, grads = train_step(converted, ids())
+    ref_loss, ref_grads = train_step(reference, ids())
+    assert grads and all("lora_" in n for n in grads)
+    assert torch.equal(loss, ref_loss)
+    assert max(rel_err(grads[n], ref_grads[n]) for n in grads) <= 1e-6
+
+
+# ---------------------------------------------------------------- errors quote the values
+
+def test_errors_name_what_is_wrong():
+    with pytest.raises(TypeError, match="GPT2Model, GPT2LMHeadModel, LlamaModel.*Linear has no such layer list"):
+        convert_to_reversible(nn.Linear(2, 2))
+    model = GPT2Model(gpt2_config(layers=2))
+    with pytest.raises(ValueError, match=r"coupling must be one of \('bdia', 'additive', 'affine'\), got 'rev'"):
+        convert_to_reversible(model, coupling="rev")
+    with pytest.raises(ValueError, match="gamma0 must be 1/2, 1/4 or 1/8.*got 0.3"):
+        convert_to_reversible(model, gamma0=0.3)
+    with pytest.raises(ValueError, match=r"scale .* must be in \(0, 1\), got 1.5"):
+        convert_to_reversible(model, coupling="affine", scale=1.5)
+    with pytest.raises(ValueError, match="checkpoint_segments must be None or an int >= 0, got -1"):
+        convert_to_reversible(model, checkpoint_segments=-1)
+    converted = convert_to_reversible(model, verbose=False)
+    with pytest.raises(ValueError, match="GPT2Model is already converted"):
+        convert_to_reversible(converted, inplace=True)
+    with pytest.raises(ValueError, match="GPT2Model has no converted layers"):
+        convert_from_reversible(model)
+
+
+def test_misuse_in_training_is_refused():
+    torch.manual_seed(0)
+    converted = convert_to_reversible(GPT2Model(gpt2_config(layers=2)), verbose=False).train()
+    h = torch.randn(1, 4, 64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="converted layer 1 .* did not receive the output of layer 0"):
+        converted.h[1](h)
+    cache = transformers.DynamicCache(config=converted.config)
+    with torch.no_grad():
+        converted.eval()(input_ids=ids(1, 3), past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match=r"non-empty KV cache \(3 tokens\)"):
+        converted.train()(input_ids=ids(1, 2), past_key_values=cache, use_cache=True)
