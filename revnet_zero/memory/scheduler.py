@@ -77,8 +77,8 @@ def plan(profile: MemoryProfile, budget: int, allowed: Sequence[str] = POLICIES,
 
 
 def _knapsack(profile: MemoryProfile, opts: list[list[str]], room: int):
-    units = 4096
-    unit = max(1, math.ceil(room / units))
+    unit = max(1, math.ceil(room / 4096))
+    units = room // unit          # capacity in units, rounded down: never more than the room
     inf = float("inf")
     cost = [inf] * (units + 1)   # cost[c]: least seconds so far using c units of kept bytes
     cost[0] = 0.0

@@ -86,6 +86,11 @@ class ReversibleLM(nn.Module):
             logits = self.head(hidden)
         return ModelOutput(loss=loss, last_hidden_state=hidden, logits=logits)
 
+    def set_scheduler(self, scheduler) -> None:
+        """Apply a memory scheduler's per-block policies (``revnet_zero.memory``)."""
+        from ..memory.scheduler import set_scheduler
+        set_scheduler(self, scheduler)
+
     def hidden_states(self, input_ids: Tensor, **block_kwargs) -> Tensor:
         """``[B, S]`` ids -> ``[B, S, D]`` states after the final norm (no input checks)."""
         x = self.embed(input_ids) * self.config.embed_scale   # (B, S, D)
