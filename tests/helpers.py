@@ -48,3 +48,16 @@ def rel_err(a, b):
     """Relative error in the 2-norm, computed in float64."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def saved_bytes(fn):
+    """Bytes of distinct storages saved for backward while running fn(), and fn's result."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out

@@ -16,6 +16,7 @@ import weakref
 
 import pytest
 import torch
+from helpers import saved_bytes
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
@@ -236,19 +237,6 @@ def test_non_finite_activations_are_refused_not_rounded():
         converted.transformer.h[1].layer.mlp.c_fc.bias[0] = float("inf")
     with pytest.raises(FloatingPointError, match="fixed-point grid cannot hold"):
         converted(input_ids=ids(), labels=ids())
-
-
-def saved_bytes(fn):
-    """Bytes of distinct storages saved for backward while running fn() (as in test_engine.py)."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
 
 
 def test_forward_leaves_no_layer_activation_alive():

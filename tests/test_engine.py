@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import pytest
-from helpers import MLP, coupling, rel_err
+from helpers import MLP, coupling, rel_err, saved_bytes
 
 from revnet_zero import AdditiveCoupling, AffineCoupling, ReversibleBlock, ReversibleSequence
 from revnet_zero.reference import reference_forward
@@ -198,19 +198,6 @@ def test_bfloat16_autocast_24_blocks_within_bf16_tolerance():
     e_ref = max(rel_err(a, b) for a, b in zip(g_ref, g64))
     print(f"bf16 grad error vs float64: reversible {e_rev:.2e}, plain autograd {e_ref:.2e}")
     assert e_rev <= 2 * e_ref + 1e-3
-
-
-def saved_bytes(fn):
-    """Bytes of distinct storages saved for backward while running fn()."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
 
 
 def test_saved_memory_does_not_grow_with_depth():

@@ -16,13 +16,6 @@ from test_models import attention, ffn, rel, update
 D, H = 40, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and two threads spin badly on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def layer_pair(coupling, **attn_kw):

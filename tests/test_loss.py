@@ -19,13 +19,6 @@ from hypothesis import strategies as st
 from revnet_zero.ops import fused_linear_cross_entropy
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and two threads spin badly on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rel(a, b):

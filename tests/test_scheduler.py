@@ -13,14 +13,6 @@ from revnet_zero.utils import DetailedMemoryProfiler
 POLS = ("recompute", "store_attention", "offload_attention", "store")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(layers=3):
     torch.manual_seed(0)
     return ReversibleGPT(TransformerConfig.preset("tiny", num_layers=layers, num_kv_heads=4))
