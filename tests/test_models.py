@@ -434,3 +434,13 @@ def test_tiny_model_learns_repeated_text():
     first, last = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
     assert first > 5.0                                      # about ln 256 = 5.55 at the start
     assert last < 0.1 * first, (first, last)              # measured: 5.56 -> 0.067
+
+
+def test_bf16_weights_with_float32_streams_without_autocast():
+    """Weights loaded in bf16 (e.g. from_pretrained(dtype=bfloat16)) with the default float32 streams."""
+    model = small().to(torch.bfloat16)
+    ids, _ = ids_and_mask()
+    loss = model(ids).loss
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters())

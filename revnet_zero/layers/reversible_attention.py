@@ -76,7 +76,7 @@ class SelfAttention(nn.Module):
         B, S, D = x.shape
         check_int32_numel(B * S * self.wo.out_features, f"the attention output [B={B}, S={S}, "
                           f"{self.wo.out_features}]", "Use a shorter sequence or a smaller batch.")
-        h = self.norm(x)
+        h = self.norm(x.to(self.norm.weight.dtype))    # float32 streams, maybe bf16 weights
         q = self.wq(h).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)       # (B, H, S, hd)
         k = self.wk(h).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)    # (B, Hkv, S, hd)
         v = self.wv(h).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)

@@ -44,7 +44,7 @@ class FeedForward(nn.Module):
         B, S, _ = x.shape
         check_int32_numel(B * S * self.w_in.out_features, f"the FFN intermediate [B={B}, S={S}, "
                           f"{self.w_in.out_features}]", "Set ffn_chunk_size (seq_chunk) to tile the sequence.")
-        h = self.w_in(self.norm(x))
+        h = self.w_in(self.norm(x.to(self.norm.weight.dtype)))   # float32 streams, maybe bf16 weights
         act = ACTIVATIONS[self.activation]
         if self.gated:
             gate, up = h.chunk(2, dim=-1)

@@ -95,7 +95,7 @@ class ReversibleLM(nn.Module):
         """``[B, S]`` ids -> ``[B, S, D]`` states after the final norm (no input checks)."""
         x = self.embed(input_ids) * self.config.embed_scale   # (B, S, D)
         y1, y2 = self.blocks(x, **block_kwargs)         # both streams start as the embedding
-        return self.norm((y1 + y2) / 2)
+        return self.norm(((y1 + y2) / 2).to(self.norm.weight.dtype))
 
     def _check_inputs(self, input_ids: Tensor, labels: Tensor | None, attention_mask: Tensor | None) -> None:
         self._check_ids(input_ids)
