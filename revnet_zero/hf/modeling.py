@@ -98,16 +98,8 @@ class RevNetZeroForCausalLM(PreTrainedModel, GenerationMixin):
         cache = DynamicCache() if cache is None else cache
         self._check_decode_inputs(input_ids, attention_mask, cache)
         m = self.model
-        x = m.embed(input_ids) * m.config.embed_scale                 # (B, T, D)
-        if m.blocks.stream_dtype is not None:
-            x = x.to(m.blocks.stream_dtype)
-        s = [x, x]   # as ReversibleGPT._cached_step, keeping every position
-        for i, block in enumerate(m.blocks.blocks):
-            c, layer_cache = block.coupling, _CacheLayer(cache, i)
-            for fn, src, dst in c.steps():   # kwargs reach F and G alike; the FFN ignores the cache
-                s[dst] = c.apply_step(fn, s[dst], s[src], cache=layer_cache)
-        keep = _positions(logits_to_keep)
-        h = m.norm((s[0][:, keep] + s[1][:, keep]) / 2)
+        caches = [_CacheLayer(cache, i) for i in range(len(m.blocks.blocks))]
+        h = m.cached_hidden_states(input_ids, caches)[:, _positions(logits_to_keep)]
         return CausalLMOutputWithPast(logits=m.head(h), past_key_values=cache)
 
     def _check_decode_inputs(self, input_ids: Tensor, attention_mask: Tensor | None, cache: Cache) -> None:

@@ -195,6 +195,12 @@ class ReversibleTransformer(ReversibleLM):
 
     def _cached_step(self, ids: Tensor, caches: list[KVCache]) -> Tensor:
         """Logits ``[B, V]`` at the last of ``ids`` ``[B, T]``, appending their keys/values to ``caches``."""
+        return self.head(self.cached_hidden_states(ids, caches)[:, -1]).float()
+
+    def cached_hidden_states(self, ids: Tensor, caches: list) -> Tensor:
+        """States ``[B, T, D]`` after the final norm for new tokens ``ids`` ``[B, T]``, reading and
+        extending one KV cache per block (eval-time plain forward; anything with ``update(k, v)``
+        and ``length`` works as a cache)."""
         x = self.embed(ids) * self.config.embed_scale
         if self.blocks.stream_dtype is not None:
             x = x.to(self.blocks.stream_dtype)
@@ -203,8 +209,7 @@ class ReversibleTransformer(ReversibleLM):
             c = block.coupling
             for fn, src, dst in c.steps():      # kwargs reach F and G alike; the FFN ignores the cache
                 s[dst] = c.apply_step(fn, s[dst], s[src], cache=cache)
-        h = self.norm((s[0][:, -1] + s[1][:, -1]) / 2)
-        return self.head(h).float()
+        return self.norm(((s[0] + s[1]) / 2).to(self.norm.weight.dtype))
 
 
 def _sample(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
