@@ -12,6 +12,12 @@ from .coupling_layers import CouplingType, StepCoupling, make_coupling
 from .rope import apply_rope, rope_cos_sin
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype matmuls on ``x`` run in: the autocast dtype when autocast is on, else ``x``'s."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
 class KVCache:
     """Keys and values of one attention layer for incremental decoding, ``[B, Hkv, max_len, hd]``.
 
@@ -77,6 +83,7 @@ class SelfAttention(nn.Module):
         check_int32_numel(B * S * self.wo.out_features, f"the attention output [B={B}, S={S}, "
                           f"{self.wo.out_features}]", "Use a shorter sequence or a smaller batch.")
         h = self.norm(x.to(self.norm.weight.dtype))    # float32 streams, maybe bf16 weights
+        h = h.to(compute_dtype(h))  # one low-precision copy feeds q, k and v (autocast would make three)
         q = self.wq(h).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)       # (B, H, S, hd)
         k = self.wk(h).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)    # (B, Hkv, S, hd)
         v = self.wv(h).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
