@@ -154,7 +154,7 @@ def train(data: Annotated[Optional[str], typer.Option(help="text file, folder, o
         _fail(str(e))
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
 def bench(ctx: typer.Context):
     """Run the benchmark suite (``revnet_zero.benchmarks``); extra arguments are passed on to it."""
     try:

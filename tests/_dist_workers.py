@@ -8,16 +8,9 @@ failure reads as an ordinary pytest assertion. A worker that raises sends its tr
 from __future__ import annotations
 
 import copy
-import datetime
-import os
-import socket
-import tempfile
-import time
-import traceback
 
+import _spawn
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from revnet_zero import AdditiveCoupling, ReversibleSequence
@@ -27,10 +20,6 @@ from revnet_zero import AdditiveCoupling, ReversibleSequence
 D_IN, D, D_OUT, DEPTH = 7, 10, 5, 6
 GLOBAL_BATCH, SEQ = 8, 3
 WORLD = 2
-# A rank stuck in a collective gives up after GLOO_TIMEOUT_S; the launcher kills whatever is left at
-# JOIN_TIMEOUT_S. A passing run takes 5-20 s (most of it importing torch in the children).
-GLOO_TIMEOUT_S = 60
-JOIN_TIMEOUT_S = 100
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -116,54 +105,10 @@ def worst_rel_err(got: dict, want: dict) -> tuple[float, str]:
 
 
 # -------------------------------------------------------------------------------------- launcher
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, worker_name: str, outdir: str) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
-        try:
-            result = globals()[worker_name](rank, world)
-        finally:
-            dist.destroy_process_group()
-        torch.save(result, os.path.join(outdir, f"{rank}.pt"))
-    except BaseException:
-        with open(os.path.join(outdir, f"{rank}.err"), "w") as fh:
-            fh.write(traceback.format_exc())
-        raise SystemExit(1) from None  # the traceback travels in the .err file, not on stderr
-
-
 def run_workers(worker_name: str, world: int = WORLD) -> list[dict]:
     """Run ``worker_name(rank, world)`` in ``world`` spawned processes; return each rank's result."""
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    with tempfile.TemporaryDirectory() as outdir:
-        procs = [ctx.Process(target=_entry, args=(r, world, port, worker_name, outdir))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + JOIN_TIMEOUT_S
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for r in hung:
-            procs[r].kill()
-            procs[r].join()
-        errors = []
-        for r in range(world):
-            err = os.path.join(outdir, f"{r}.err")
-            if os.path.exists(err):
-                with open(err) as fh:
-                    errors.append(f"--- rank {r} ---\n{fh.read()}")
-        if errors or hung or any(p.exitcode != 0 for p in procs):
-            raise AssertionError(f"{worker_name} failed (exit codes {[p.exitcode for p in procs]}, "
-                                 f"hung ranks {hung}):\n" + "\n".join(errors))
-        return [torch.load(os.path.join(outdir, f"{r}.pt")) for r in range(world)]
+    return _spawn.run_workers(__name__, worker_name, world)
+
 
 
 # --------------------------------------------------------------------------------------- workers

@@ -77,20 +77,33 @@ class DistributedReversibleTrainer(Trainer):
     per reversible block, then the whole model). Start the processes with torchrun and call
     ``torch.distributed.init_process_group`` first.
 
+    Each rank takes its own ``batch_size`` sequences of every global batch (``Batches(rank,
+    world_size)``), so one step sees ``batch_size * world_size`` sequences, as ``Trainer`` does with
+    that batch size on one device; gradients are averaged over the ranks.
+
     ``gradient_checkpointing_policy``: ``'nothing_saveable'`` (= ``'recompute'``: reversible, no
     activations kept) or ``'everything_saveable'`` (= ``'store'``: plain autograd). ``cpu_offload``
-    (FSDP only) keeps parameters, gradients and optimizer state in host memory.
+    (FSDP only) keeps parameters, gradients and optimizer state in host memory
+    (``CPUOffloadPolicy``; pinned when training on CUDA). ``mixed_precision`` (FSDP only):
+    ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32, cast_forward_inputs=False)``: the
+    parameters are all-gathered and used in bf16 and the gradients reduced in fp32, while the sharded
+    parameters, the optimizer state and the reversible streams stay fp32 (block inputs are not cast,
+    so the streams' sums and their inversion stay accurate). The sub-functions then meet fp32 streams
+    with bf16 weights, so it needs bf16 autocast: ``precision`` defaults to ``'bf16'`` with it, and
+    any other explicit value raises.
 
     Example::
 
         torch.distributed.init_process_group("nccl")
         trainer = DistributedReversibleTrainer(model, sharding_strategy="ddp")
         trainer.train(train_dataloader=train_loader, num_epochs=10, log_memory_usage=True)
+
+        fsdp = DistributedReversibleTrainer(model, sharding_strategy="fsdp", mixed_precision=True)
     """
 
     def __init__(self, model: nn.Module, sharding_strategy: str = "fsdp",
                  gradient_checkpointing_policy: str = "nothing_saveable", cpu_offload: bool = False,
-                 config: TrainingConfig | None = None, **overrides):
+                 mixed_precision: bool = False, config: TrainingConfig | None = None, **overrides):
         import torch.distributed as dist
         if sharding_strategy not in ("fsdp", "ddp"):
             raise ValueError(f"sharding_strategy must be 'fsdp' or 'ddp', got {sharding_strategy!r}")
@@ -99,6 +112,16 @@ class DistributedReversibleTrainer(Trainer):
                              f"{gradient_checkpointing_policy!r}")
         if cpu_offload and sharding_strategy != "fsdp":
             raise ValueError("cpu_offload=True needs sharding_strategy='fsdp'")
+        if mixed_precision:
+            if sharding_strategy != "fsdp":
+                raise ValueError("mixed_precision=True needs sharding_strategy='fsdp' (it is FSDP2's "
+                                 "MixedPrecisionPolicy); with DDP use precision='bf16' (autocast)")
+            precision = overrides.get("precision", config.precision if config is not None else "bf16")
+            if precision != "bf16":
+                raise ValueError(f"mixed_precision=True computes with bf16 parameters under bf16 "
+                                 f"autocast; precision={precision!r} contradicts it (leave it out, or "
+                                 "pass precision='bf16')")
+            overrides["precision"] = "bf16"
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("DistributedReversibleTrainer needs torch.distributed initialised: start the "
                                "processes with torchrun and call torch.distributed.init_process_group() "
@@ -110,6 +133,7 @@ class DistributedReversibleTrainer(Trainer):
             raise ValueError(f"{type(model).__name__} has no reversible .blocks to set "
                              f"{gradient_checkpointing_policy!r} on")
         self.sharding_strategy, self.cpu_offload = sharding_strategy, cpu_offload
+        self.mixed_precision = mixed_precision
         self._dist = dist
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         super().__init__(model, config, **overrides)
@@ -119,9 +143,18 @@ class DistributedReversibleTrainer(Trainer):
             from torch.nn.parallel import DistributedDataParallel
             ids = [self.device] if self.device.type == "cuda" else None
             return DistributedDataParallel(model, device_ids=ids)
-        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
-        offload = CPUOffloadPolicy() if self.cpu_offload else None
-        kwargs = {"offload_policy": offload} if offload is not None else {}
+        try:
+            from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+        except ImportError:  # torch 2.5
+            from torch.distributed._composable.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+        from torch.distributed.device_mesh import init_device_mesh
+        # The mesh on the trainer's device (FSDP2's default mesh follows the accelerator, not config.device)
+        kwargs = {"mesh": init_device_mesh(self.device.type, (self.world_size,))}
+        if self.cpu_offload:  # pinned host memory needs CUDA; on a CPU-only machine it cannot be had
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
+        if self.mixed_precision:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                       cast_forward_inputs=False)
         for block in getattr(getattr(model, "blocks", None), "blocks", []):
             fully_shard(block, **kwargs)
         return fully_shard(model, **kwargs)
