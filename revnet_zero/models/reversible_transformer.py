@@ -6,6 +6,7 @@ The loss goes through ``fused_linear_cross_entropy``: the full [B, S, V] logits 
 """
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -37,7 +38,7 @@ def build_block(config: TransformerConfig) -> ReversibleBlock:
     return ReversibleBlock(make_coupling(c, f=attn, g=ffn))
 
 
-class ReversibleLM(nn.Module):
+class ReversibleLM(nn.Module, abc.ABC):
     """What the decoder and the encoder share: embedding, reversible blocks, final norm, head, loss.
 
     Subclasses set ``causal`` and say how targets and the attention mask are used.
@@ -120,14 +121,14 @@ class ReversibleLM(nn.Module):
         if lo < 0 or hi >= vocab:
             raise ValueError(f"input_ids must lie in [0, {vocab}); got min {lo}, max {hi}")
 
+    @abc.abstractmethod
     def _block_kwargs(self, attention_mask: Tensor | None) -> dict:
         """Keyword arguments for the blocks' sub-functions."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _targets(self, input_ids: Tensor, labels: Tensor | None,
                  attention_mask: Tensor | None) -> Tensor | None:
         """Targets ``[B, S]`` aligned with the hidden states (``-100`` = none), or ``None`` for no loss."""
-        raise NotImplementedError
 
 
 class ReversibleTransformer(ReversibleLM):
