@@ -24,6 +24,7 @@ from revnet_zero.training import DistributedReversibleTrainer, Trainer
 
 WORLD = 2
 STEPS = 3
+HALF = 2    # checkpoint tests: HALF steps, save, HALF more
 GLOBAL_BATCH = 4
 SEQ = 32
 TEXT = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 12
@@ -171,3 +172,36 @@ def _fsdp_layout(model) -> dict:
         for group in state._fsdp_param_groups:
             offload.update(fp.offload_to_cpu for fp in group.fsdp_params)
     return {"fsdp_modules": sharded, "offload_to_cpu": sorted(offload)}
+
+
+def fsdp_checkpoint_worker(rank: int, world: int, out_dir: str, single_checkpoint: str,
+                           **options) -> dict:
+    """Checkpoints under FSDP2 (``options`` go to every trainer), all in these processes: run A trains
+    ``2 * HALF`` steps straight; run B, a fresh model and trainer, trains the same steps writing a
+    checkpoint every ``HALF`` steps to ``out_dir``; run C, fresh again, resumes from B's
+    step-``HALF`` checkpoint and trains the rest (its final checkpoint goes to ``out_dir/resumed``);
+    run D, fresh, loads ``single_checkpoint`` (written by a single-process Trainer). Returns the
+    gathered parameters and histories of A, B, C, and D's parameters, step and AdamW first moments."""
+    def run(**more):
+        model = build_model()
+        trainer = DistributedReversibleTrainer(model, sharding_strategy="fsdp", **{**TRAIN, **options, **more},
+                                               batch_size=GLOBAL_BATCH // world)
+        return model, trainer
+
+    out = {}
+    model, trainer = run()
+    trainer.train(train_dataset=dataset(), num_steps=2 * HALF)
+    out["A"] = {"params": params_of(model), "history": history_of(trainer)}
+    model, trainer = run(out_dir=out_dir, save_every=HALF)
+    trainer.train(train_dataset=dataset(), num_steps=2 * HALF)
+    out["B"] = {"params": params_of(model), "history": history_of(trainer)}
+    model, trainer = run(out_dir=f"{out_dir}/resumed")
+    trainer.train(train_dataset=dataset(), num_steps=2 * HALF,
+                  resume=f"{out_dir}/checkpoints/step-{HALF:06d}")
+    out["C"] = {"params": params_of(model), "history": history_of(trainer)}
+    model, trainer = run()
+    trainer.load(single_checkpoint)
+    state = trainer.optimizer.state
+    out["D"] = {"params": params_of(model), "step": trainer.step,
+                "exp_avg": {name: state[p]["exp_avg"].full_tensor() for name, p in model.named_parameters()}}
+    return out

@@ -32,7 +32,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # spawned workers import it by name
 import _trainer_workers as W  # noqa: E402
 
-from revnet_zero.training import DistributedReversibleTrainer, TrainingConfig  # noqa: E402
+from revnet_zero.training import DistributedReversibleTrainer, Trainer, TrainingConfig  # noqa: E402
 
 PARAM_RTOL = 1e-4
 HISTORY_RTOL = 1e-5
@@ -173,6 +173,75 @@ def test_fsdp2_mixed_precision_policy_is_applied(bf16_reference, cpu_offload):
                 assert got[key] == pytest.approx(want[key], rel=BF16_HISTORY_RTOL), (rank, key, got, want)
     for name, p in results[0]["params"].items():
         torch.testing.assert_close(results[1]["params"][name], p, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- FSDP2 checkpoints
+@pytest.fixture(scope="module")
+def fsdp_checkpoints(tmp_path_factory):
+    """A single-process checkpoint after ``W.HALF`` steps, then ``W.fsdp_checkpoint_worker`` in 2
+    processes (runs A to D, see there)."""
+    single = tmp_path_factory.mktemp("single")
+    trainer = Trainer(W.build_model(), **W.TRAIN, batch_size=W.GLOBAL_BATCH, out_dir=str(single))
+    trainer.train(train_dataset=W.dataset(), num_steps=W.HALF)
+    out_dir = tmp_path_factory.mktemp("fsdp")
+    results = W.run_workers("fsdp_checkpoint_worker", out_dir=str(out_dir),
+                            single_checkpoint=str(single / "checkpoints"))
+    return {"results": results, "out_dir": out_dir, "single": trainer}
+
+
+@pytest.mark.slow
+@needs_gloo
+@needs_fsdp2
+def test_fsdp2_resume_from_checkpoint_is_bitwise(fsdp_checkpoints):
+    """FSDP2, 2 ranks: 4 steps straight (A) == 2 steps, checkpoint, 2 more (B, which saves every 2
+    steps) == a fresh model and trainer in the same processes that loads B's step-2 checkpoint and
+    trains 2 more (C): parameters (gathered) bitwise equal, logged losses, gradient norms and lrs
+    equal. The checkpoint holds the full weights and optimizer state gathered on rank 0 and each
+    rank's RNG state."""
+    for rank, res in enumerate(fsdp_checkpoints["results"]):
+        a, b, c = res["A"], res["B"], res["C"]
+        assert [h["step"] for h in c["history"]] == [3, 4], c["history"]
+        assert b["history"] == a["history"], f"rank {rank}: writing a checkpoint changed the run"
+        assert c["history"] == a["history"][W.HALF:], f"rank {rank}: the resumed run logged otherwise"
+        for name, p in a["params"].items():
+            assert torch.equal(b["params"][name], p), f"rank {rank} {name}: saving changed the run"
+            assert torch.equal(c["params"][name], p), f"rank {rank} {name}: resumed run differs"
+    state = torch.load(fsdp_checkpoints["out_dir"] / "checkpoints" / "step-000002" / "trainer.pt",
+                       weights_only=True)
+    assert [sorted(r) for r in state["rng"]] == [["cpu", "cuda"]] * W.WORLD, "one RNG state per rank"
+
+
+@pytest.mark.slow
+@needs_gloo
+@needs_fsdp2
+def test_fsdp2_checkpoint_loads_in_one_process_and_back(fsdp_checkpoints):
+    """The files are those of one process: FSDP2's step-4 checkpoint loads into a plain ``Trainer``
+    with the parameters FSDP2 held (gathered), and its optimizer state keyed by number as torch.optim
+    writes it; a single-process checkpoint loads into FSDP2 with its parameters and AdamW moments."""
+    b = fsdp_checkpoints["results"][0]["B"]
+    model = W.build_model(seed=1)
+    trainer = Trainer(model, **W.TRAIN)
+    trainer.load(fsdp_checkpoints["out_dir"] / "checkpoints")
+    assert trainer.step == 2 * W.HALF
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), b["params"][name]), name
+    params = list(model.parameters())
+    state = trainer.optimizer.state_dict()["state"]
+    assert sorted(state) == list(range(len(params)))
+    for group in trainer.optimizer.param_groups:
+        for p in group["params"]:
+            assert trainer.optimizer.state[p]["exp_avg"].shape == p.shape
+            assert trainer.optimizer.state[p]["step"].item() == 2 * W.HALF
+
+    single = fsdp_checkpoints["single"]
+    names = {id(p): name for name, p in single.module.named_parameters()}
+    for rank, res in enumerate(fsdp_checkpoints["results"]):
+        d = res["D"]
+        assert d["step"] == W.HALF
+        for name, p in single.module.named_parameters():
+            assert torch.equal(d["params"][name], p.detach()), f"rank {rank} {name}"
+        for p, s in single.optimizer.state.items():
+            assert torch.equal(d["exp_avg"][names[id(p)]], s["exp_avg"]), f"rank {rank} {names[id(p)]}"
 
 
 def test_mixed_precision_refuses_what_contradicts_it():

@@ -75,9 +75,10 @@ def _dedup(state: dict) -> tuple[dict, dict]:
     return tensors, aliases
 
 
-def save_weights(model: nn.Module, path, metadata: dict | None = None) -> None:
-    """Write ``model.state_dict()`` to a safetensors file, atomically. ``metadata``: JSON-able extras."""
-    tensors, aliases = _dedup(model.state_dict())
+def save_weights(model: nn.Module | dict, path, metadata: dict | None = None) -> None:
+    """Write ``model.state_dict()`` (or a state dict of plain tensors) to a safetensors file,
+    atomically. ``metadata``: JSON-able extras."""
+    tensors, aliases = _dedup(model.state_dict() if isinstance(model, nn.Module) else model)
     meta = {"aliases": json.dumps(aliases), **{k: json.dumps(v, default=str) for k, v in (metadata or {}).items()}}
     atomic_write(path, lambda tmp: _safetensors().torch.save_file(tensors, str(tmp), metadata=meta))
 
@@ -101,7 +102,14 @@ def load_weights(model: nn.Module, path) -> dict:
     """Load a weights file into ``model``; ValueError naming every tensor that is missing, extra, or of
     another shape. Returns the file's metadata."""
     tensors, meta = read_weights(path)
-    expected = model.state_dict()
+    check_weights(tensors, model.state_dict(), path)
+    model.load_state_dict(tensors)
+    return meta
+
+
+def check_weights(tensors: dict, expected: dict, path) -> None:
+    """ValueError naming every tensor of ``tensors`` that is missing from ``expected`` (a model's
+    state dict), extra, or of another shape."""
     problems = [f"missing {k} {tuple(expected[k].shape)}" for k in expected if k not in tensors]
     problems += [f"unexpected {k} {tuple(tensors[k].shape)}" for k in tensors if k not in expected]
     problems += [f"{k}: checkpoint has shape {tuple(tensors[k].shape)}, model has {tuple(expected[k].shape)}"
@@ -110,8 +118,6 @@ def load_weights(model: nn.Module, path) -> dict:
         more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
         raise ValueError(f"checkpoint {path} does not fit this model (another architecture or config?): "
                          + "; ".join(problems[:8]) + more)
-    model.load_state_dict(tensors)
-    return meta
 
 
 def save_state(state: dict, path) -> None:
@@ -137,9 +143,10 @@ def latest_checkpoint(root) -> Path | None:
     return path
 
 
-def save_checkpoint(root, step: int, model: nn.Module, state: dict, metadata: dict | None = None,
+def save_checkpoint(root, step: int, model: nn.Module | dict, state: dict, metadata: dict | None = None,
                     keep: int = 2) -> Path:
-    """Write checkpoint ``root/step-{step}``, make it the latest, then delete all but the ``keep`` newest."""
+    """Write checkpoint ``root/step-{step}``, make it the latest, then delete all but the ``keep`` newest.
+    ``model``: the module, or its full state dict (gathered from a sharded model)."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     root = Path(root)
@@ -159,10 +166,16 @@ def save_checkpoint(root, step: int, model: nn.Module, state: dict, metadata: di
 def load_checkpoint(path, model: nn.Module) -> dict:
     """Load weights into ``model`` and return the trainer state. ``path``: a checkpoint folder, or a
     root holding a ``latest`` pointer."""
+    path = resolve_checkpoint(path)
+    load_weights(model, path / WEIGHTS)
+    return load_state(path / STATE)
+
+
+def resolve_checkpoint(path) -> Path:
+    """The checkpoint folder ``path`` names: itself, or the latest one when it is a root."""
     path = Path(path)
     if (path / LATEST).exists():
         path = latest_checkpoint(path)
     if not (path / WEIGHTS).exists():
         raise FileNotFoundError(f"no checkpoint at {path}: expected {path / WEIGHTS} or {path / LATEST}")
-    load_weights(model, path / WEIGHTS)
-    return load_state(path / STATE)
+    return path

@@ -92,6 +92,11 @@ class DistributedReversibleTrainer(Trainer):
     with bf16 weights, so it needs bf16 autocast: ``precision`` defaults to ``'bf16'`` with it, and
     any other explicit value raises.
 
+    Checkpoints (both strategies) are the files ``Trainer`` writes, so they load in either: rank 0
+    writes the full weights and optimizer state (FSDP2 gathers them to its host memory), and the
+    RNG state of every rank, restored per rank. Every rank must call ``save`` and ``load``; under
+    FSDP2 only rank 0 reads the files and broadcasts them, so they need not be on a shared file system.
+
     Example::
 
         torch.distributed.init_process_group("nccl")
@@ -169,8 +174,88 @@ class DistributedReversibleTrainer(Trainer):
         self._dist.all_reduce(t)
         return t.item() / self.world_size
 
-    def save(self, root=None):
-        if self.sharding_strategy == "fsdp":
-            raise NotImplementedError("checkpoints of FSDP-sharded models are not written yet (they need "
-                                      "torch.distributed.checkpoint); use sharding_strategy='ddp'")
-        return super().save(root)
+    def _barrier(self) -> None:
+        self._dist.barrier()
+
+    # ------------------------------------------------------------ checkpoints
+    # Same files as one process: rank 0 writes the full weights and trainer state, the RNG state is a
+    # list with one entry per rank. Under FSDP2 the full state is gathered to rank 0 (host memory)
+    # with torch.distributed.checkpoint.state_dict and, on load, read by rank 0 alone and broadcast
+    # to the other ranks, which keep only their shards; no rank but 0 needs the files.
+
+    def _rng_states(self) -> list[dict]:
+        states = [None] * self.world_size
+        self._dist.all_gather_object(states, self._rng_state())
+        return states
+
+    def _model_state(self) -> dict | None:
+        if self.sharding_strategy != "fsdp":
+            return super()._model_state()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.module, options=options)
+
+    def _optimizer_state(self) -> dict | None:
+        if self.sharding_strategy != "fsdp" or self.optimizer is None or not self.optimizer.state:
+            # (an optimizer that has not stepped holds no tensors: its own state dict is the full one,
+            # and get_optimizer_state_dict would step it once with lr 0 to create state)
+            return super()._optimizer_state()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        full = get_optimizer_state_dict(self.module, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.is_main:
+            return None
+        # keyed by parameter name; torch.optim numbers the parameters in param_groups order
+        index = {name: i for i, name in enumerate(n for g in full["param_groups"] for n in g["params"])}
+        groups, start = [], 0
+        for g in full["param_groups"]:
+            groups.append({**g, "params": list(range(start, start + len(g["params"])))})
+            start += len(g["params"])
+        return {"state": {index[name]: s for name, s in full["state"].items()}, "param_groups": groups}
+
+    def load(self, path) -> None:
+        if self.sharding_strategy != "fsdp":
+            return super().load(path)  # DDP: every rank reads the files (full copies)
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        from .checkpoint import STATE, WEIGHTS, check_weights, load_state, read_weights, resolve_checkpoint
+        weights, optim, message = {}, None, [None]
+        if self.is_main:
+            try:
+                path = resolve_checkpoint(path)
+                weights, _ = read_weights(path / WEIGHTS)
+                check_weights(weights, self.module.state_dict(), path / WEIGHTS)
+                state = load_state(path / STATE)
+                optim = state["optimizer"]
+                # the optimizer's tensors go by set_optimizer_state_dict's broadcast; the rest as objects
+                full = optim is not None and bool(optim["state"])
+                if full:
+                    optim = self._named_optimizer_state(optim)
+                message = [{**state, "optimizer": "full" if full else optim}]
+            except Exception as e:  # every rank raises, none waits in a broadcast
+                message = [e]
+        self._dist.broadcast_object_list(message, src=0)
+        if isinstance(message[0], Exception):
+            raise message[0]
+        state = message[0]
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(self.module, weights, options=options)
+        if state["optimizer"] == "full":
+            if self.optimizer is None:
+                self.optimizer = self._make_optimizer()
+            set_optimizer_state_dict(self.module, self.optimizer, optim if self.is_main else {},
+                                     options=options)
+            state["optimizer"] = None
+        self.load_state_dict(state)
+
+    def _named_optimizer_state(self, state: dict) -> dict:
+        """A torch.optim state dict (parameters numbered in param_groups order) keyed by parameter
+        name instead, as set_optimizer_state_dict takes it."""
+        optimizer = self.optimizer if self.optimizer is not None else self._make_optimizer()  # its order
+        names = {id(p): name for name, p in self.module.named_parameters()}
+        order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        saved = sum(len(g["params"]) for g in state["param_groups"])
+        if saved != len(order):
+            raise ValueError(f"the checkpoint's optimizer has {saved} parameters, this trainer's {len(order)}")
+        groups = [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]
+        return {"state": {order[i]: s for i, s in state["state"].items()}, "param_groups": groups}

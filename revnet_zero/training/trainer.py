@@ -150,6 +150,9 @@ class Trainer:
     def _mean_over_ranks(self, value: float) -> float:
         return value
 
+    def _barrier(self) -> None:
+        """Wait for every rank (after rank 0 has written a checkpoint)."""
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
@@ -412,41 +415,67 @@ class Trainer:
             raise ValueError("checkpoints need out_dir; none was given")
         return Path(self.config.out_dir) / "checkpoints"
 
-    def state_dict(self) -> dict:
-        """Everything but the weights that a bitwise resume needs."""
-        data = self._train_data
+    def _rng_state(self) -> dict:
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+        return {"cpu": torch.get_rng_state(), "cuda": cuda_rng}
+
+    def _set_rng_state(self, rng: dict) -> None:
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def _rng_states(self) -> list[dict]:
+        """Every rank's RNG state, indexed by rank (a distributed subclass gathers them)."""
+        return [self._rng_state()]
+
+    def _model_state(self) -> dict | None:
+        """The full weights to write (a sharded subclass gathers them; None on ranks that do not write)."""
+        return self.module.state_dict()
+
+    def _optimizer_state(self) -> dict | None:
+        """``torch.optim``'s state dict format, parameters numbered in param_groups order."""
+        return self.optimizer.state_dict() if self.optimizer is not None else None
+
+    def _load_optimizer_state(self, state: dict) -> None:
+        if self.optimizer is None:
+            self.optimizer = self._make_optimizer()
+        self.optimizer.load_state_dict(state)
+
+    def state_dict(self) -> dict:
+        """Everything but the weights that a bitwise resume needs. ``rng`` is a list indexed by rank.
+        In a distributed subclass every rank must call this (it gathers)."""
+        data = self._train_data
         return {"step": self.step,
-                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "optimizer": self._optimizer_state(),
                 "scaler": self.scaler.state_dict(),
-                "rng": {"cpu": torch.get_rng_state(), "cuda": cuda_rng},
+                "rng": self._rng_states(),
                 "data": data.state_dict() if hasattr(data, "state_dict") else dict(self._data_pos),
                 "config": asdict(self.config)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
         if state["optimizer"] is not None:
-            if self.optimizer is None:
-                self.optimizer = self._make_optimizer()
-            self.optimizer.load_state_dict(state["optimizer"])
+            self._load_optimizer_state(state["optimizer"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        rng = state["rng"]
+        rng = [rng] if isinstance(rng, dict) else rng  # checkpoints before per-rank RNG: one dict
+        if self.rank < len(rng):  # a rank the writing run did not have keeps its own RNG state
+            self._set_rng_state(rng[self.rank])
         self._data_state = state["data"]
 
     def save(self, root=None) -> Path:
         """Write a checkpoint of the current step under ``root`` (default: out_dir/checkpoints)."""
         root = Path(root) if root is not None else self._checkpoint_root()
         path = root / f"step-{self.step:06d}"
+        weights, state = self._model_state(), self.state_dict()  # every rank: these may gather
         if self.is_main:
             config = getattr(self.module, "config", None)
             meta = {"model_class": type(self.module).__name__}
             if is_dataclass(config):
                 meta["model_config"] = asdict(config)
-            path = save_checkpoint(root, self.step, self.module, self.state_dict(), meta,
-                                   keep=self.config.keep_checkpoints)
+            path = save_checkpoint(root, self.step, weights, state, meta, keep=self.config.keep_checkpoints)
+        self._barrier()
         return path
 
     def load(self, path) -> None:
