@@ -15,6 +15,7 @@ from __future__ import annotations
 
 
 import _spawn
+from helpers import rel_err, worst_rel_err  # noqa: F401 (the tests use them from here)
 import torch
 import torch.distributed as dist
 
@@ -66,19 +67,6 @@ def single_process_run(**overrides) -> dict:
     trainer = Trainer(model, **{**TRAIN, **overrides}, batch_size=GLOBAL_BATCH)
     trainer.train(train_dataset=dataset(), num_steps=STEPS)
     return {"params": params_of(model), "initial": initial, "history": history_of(trainer)}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Norm-wise relative error ||a - b|| / ||b||, in float64."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def worst_rel_err(got: dict, want: dict) -> tuple[float, str]:
-    assert got.keys() == want.keys(), (sorted(got), sorted(want))
-    errs = {k: rel_err(got[k], want[k]) for k in want}
-    k = max(errs, key=errs.get)
-    return errs[k], k
 
 
 # -------------------------------------------------------------------------------------- launcher

@@ -50,6 +50,14 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
+def worst_rel_err(got: dict, want: dict) -> tuple[float, str]:
+    """The largest ``rel_err`` over matching entries of two dicts of tensors, and its key."""
+    assert got.keys() == want.keys(), (sorted(got), sorted(want))
+    errs = {k: rel_err(got[k], want[k]) for k in want}
+    k = max(errs, key=errs.get)
+    return errs[k], k
+
+
 def saved_bytes(fn):
     """Bytes of distinct storages saved for backward while running fn(), and fn's result."""
     seen = {}
