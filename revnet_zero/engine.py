@@ -13,6 +13,7 @@ block's parameters are swapped for detached aliases, so a user's tensor hooks fi
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import weakref
 from collections.abc import Iterable
 
@@ -35,6 +36,9 @@ class _Tape:
         self.stores: dict[int, AttentionStore] = {}  # kept attention of blocks, by index
         self.streams: list[Tensor] | None = None
         self.owned = [False, False]  # may we overwrite streams[i] in place?
+        # The stream gradients the last backward returned and owns (weak references), for the
+        # previous block of the run to accumulate into in place instead of copying them.
+        self.handed: list[weakref.ref | None] = [None, None]
 
     def load(self, y1: Tensor, y2: Tensor, pos: int, owned: list[bool]) -> None:
         self.streams, self.owned, self.pos = [y1, y2], owned, pos
@@ -98,7 +102,8 @@ def _autocast(state):
 class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, block, slot, kwargs, x1, x2, *params):
-        tape, index, save_outputs, ctx.run_starts = slot
+        tape, index, save_outputs, ctx.run_starts = slot[:4]
+        ctx.private_in = len(slot) > 4 and slot[4]
         ctx.block, ctx.tape, ctx.index, ctx.kwargs, ctx.params = block, tape, index, kwargs, params
         ctx.device = x1.device
         ctx.autocast = _autocast_state(x1.device.type)
@@ -142,13 +147,19 @@ class _ReversibleFunction(torch.autograd.Function):
                 f"{tape.pos}: a reversible sequence's backward must run from its final outputs through "
                 "every block in reverse order"
             )
+        # Gradients this block's successor in the run handed over, untouched by anyone else since,
+        # are ours to update in place; any other incoming gradient is copied before its first update.
+        d_owned = [w is not None and w() is dy for w, dy in zip(tape.handed, (dy1, dy2))]
+        if dy1 is dy2:
+            d_owned = [False, False]
+        tape.handed = [None, None]
         needed = [p for p, need in zip(ctx.params, ctx.needs_input_grad[5:]) if need]
         if index - 1 in tape.stores and not ctx.run_starts:
             tape.stores[index - 1].prefetch()  # the next block's offloaded attention, while this one runs
         with _leaf_aliases(ctx.block.coupling, needed) as alias, _autocast(ctx.autocast), \
                 using_store(ctx.store, recording=False):
             reverse = _reverse_steps if isinstance(ctx.block.coupling, StepCoupling) else _reverse_generic
-            dx1, dx2, grads = reverse(ctx, [dy1, dy2], alias)
+            dx1, dx2, grads = reverse(ctx, [dy1, dy2], d_owned, alias)
         pgrads = [grads.get(id(alias[id(p)])) if id(p) in alias else None for p in ctx.params]
         if not _keep_graph():
             ctx.store.clear()  # kept attention is used once per backward
@@ -156,6 +167,8 @@ class _ReversibleFunction(torch.autograd.Function):
             tape.streams, tape.pos = None, None  # free the rebuilt inputs early
         else:
             tape.pos = index - 1
+            if ctx.private_in:
+                tape.handed = [weakref.ref(t) if own else None for t, own in zip((dx1, dx2), d_owned)]
         return (None, None, None, dx1, dx2, *pgrads)
 
 
@@ -170,14 +183,13 @@ def _writable(ts: list[Tensor], owned: list[bool], i: int) -> None:
         ts[i], owned[i] = ts[i].clone(), True
 
 
-def _reverse_steps(ctx, d: list[Tensor], alias: dict):
+def _reverse_steps(ctx, d: list[Tensor], d_owned: list[bool], alias: dict):
     """Fused backward of a StepCoupling. For each step, last first, and each sequence tile of it:
     compute ``h = fn(stream[src])`` with grad, rebuild ``stream[dst]`` from ``h`` in place, and pull
     ``dh`` back through ``fn``. Every sub-function runs once; the rebuilt streams overwrite the
     tape's buffers, so no second copy of the streams is made."""
     c, tape, kwargs = ctx.block.coupling, ctx.tape, ctx.kwargs
     s, s_owned = tape.streams, tape.owned
-    d_owned = [False, False]
     grads: dict[int, Tensor] = {}
     alias_ids = {id(a) for a in alias.values()}
     for (fn, src, dst), rng in zip(reversed(c.steps()), reversed(ctx.rng)):
@@ -203,7 +215,7 @@ def _reverse_steps(ctx, d: list[Tensor], alias: dict):
     return d[0], d[1], grads
 
 
-def _reverse_generic(ctx, d: list[Tensor], alias: dict):
+def _reverse_generic(ctx, d: list[Tensor], d_owned: list[bool], alias: dict):
     """Backward of a user coupling that gives only forward and inverse: invert without grad, then
     differentiate a second forward. Exact, but the coupling's functions run twice."""
     c, tape, kwargs = ctx.block.coupling, ctx.tape, ctx.kwargs
@@ -221,6 +233,7 @@ def _reverse_generic(ctx, d: list[Tensor], alias: dict):
     grads: dict[int, Tensor] = {}
     _accumulate(grads, leaves, gs[2:])
     zero = [torch.zeros_like(x1), torch.zeros_like(x2)]
+    d_owned[:] = [False, False]   # no hand-off: the results may alias the incoming gradients
     return (gs[0] if gs[0] is not None else zero[0]), (gs[1] if gs[1] is not None else zero[1]), grads
 
 
@@ -246,6 +259,34 @@ def _refuse_stateful(coupling: nn.Module) -> None:
                 "would be updated twice (forward and recompute); use LayerNorm/RMSNorm, or "
                 "track_running_stats=False"
             )
+
+
+_TRUSTED_HOOKS = contextvars.ContextVar("revnet_trusted_hooks", default=False)
+
+
+@contextlib.contextmanager
+def trusted_hooks():
+    """Declare that the module hooks active inside neither keep nor change the gradients of the
+    streams between blocks (profilers, FSDP's unshard/reshard hooks), so the engine may still hand
+    those gradients from block to block in place. Without it, a hooked block's boundary copies them."""
+    token = _TRUSTED_HOOKS.set(True)
+    try:
+        yield
+    finally:
+        _TRUSTED_HOOKS.reset(token)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a module hook could see (and keep) the block's input or output streams."""
+    return not _TRUSTED_HOOKS.get() and bool(module._forward_hooks or module._forward_pre_hooks
+                                             or module._backward_hooks or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as m
+    return not _TRUSTED_HOOKS.get() and any(
+        getattr(m, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                            "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
 class ReversibleBlock(nn.Module):
@@ -346,10 +387,14 @@ class ReversibleSequence(nn.Module):
             x1, x2 = x1.to(self.stream_dtype), x2.to(self.stream_dtype)
         tape, n = _Tape(), len(self.blocks)
         recompute = [b.policy != "store" for b in self.blocks]
+        hooked = [_hooked(b) for b in self.blocks]
         for i, block in enumerate(self.blocks):
             run_ends = i == n - 1 or not recompute[i + 1]
             run_starts = i == 0 or not recompute[i - 1]
-            x1, x2 = block(x1, x2, _tape=(tape, i, run_ends, run_starts), **kwargs)
+            # No hook can see the streams between block i-1 and block i: block i's input gradients
+            # may be handed to block i-1 to update in place.
+            private_in = not run_starts and not (hooked[i] or hooked[i - 1] or _global_hooks())
+            x1, x2 = block(x1, x2, _tape=(tape, i, run_ends, run_starts, private_in), **kwargs)
         return x1, x2
 
     def inverse(self, y1: Tensor, y2: Tensor, **kwargs) -> tuple[Tensor, Tensor]:

@@ -7,6 +7,7 @@ Tolerances:
   rebuilds inputs by subtraction (one rounding of |y| per block), so it agrees with autograd to a
   few float32 ulps (2^-24 ~ 6e-8) accumulated over the stack, not bitwise.
 """
+import contextlib
 import copy
 
 import torch
@@ -16,6 +17,7 @@ import pytest
 from helpers import MLP, coupling, rel_err, saved_bytes
 
 from revnet_zero import AdditiveCoupling, AffineCoupling, ReversibleBlock, ReversibleSequence
+from revnet_zero.engine import trusted_hooks
 from revnet_zero.reference import reference_forward
 
 
@@ -265,3 +267,68 @@ def test_outputs_the_caller_holds_are_never_overwritten():
     before = y1.detach().clone(), y2.detach().clone()
     (y1 * y2).sum().backward()
     assert torch.equal(y1.detach(), before[0]) and torch.equal(y2.detach(), before[1])
+
+
+def _count_clones(fn):
+    """Number of aten.clone calls while running ``fn``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.clone.default:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def test_gradients_are_handed_down_the_run_without_copies():
+    """Inside a run the stream gradients a block returns are updated in place by the block before
+    it: only the run's last block copies the two gradients it receives from outside (plus the two
+    output streams, which the caller still holds), not two gradients per block. With a module hook
+    on every block the hand-off is off (two copies per block) unless the hooks are declared
+    harmless with trusted_hooks(). Gradients equal plain autograd's."""
+    torch.manual_seed(3)
+    stack = ReversibleSequence([coupling("additive", 8) for _ in range(6)])
+    x, w1, w2 = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    want = grads_of(ref, stack, x, w1, w2)
+    for hooked, trusted, expected in ((False, False, 2 + 2), (True, False, 2 + 2 * 6), (True, True, 2 + 2)):
+        handles = [b.register_forward_hook(lambda *a: None) for b in stack.blocks] if hooked else []
+        got = []
+        with trusted_hooks() if trusted else contextlib.nullcontext():
+            assert _count_clones(lambda: got.extend(grads_of(rev, stack, x, w1, w2))) == expected
+        assert max(rel_err(a, b) for a, b in zip(got, want)) <= 1e-6
+        for h in handles:
+            h.remove()
+
+
+def test_a_hook_that_keeps_inner_gradients_sees_them_unchanged():
+    """A forward hook exposes block 1's outputs; tensor hooks keep their gradients and autograd.grad
+    asks for them too. The blocks below must not overwrite them (the hand-off is off at hooked
+    blocks): each equals the gradient of the rest of the stack, as plain autograd, with respect to
+    those outputs taken as independent leaves (a block's two outputs are separate outputs of one
+    node, as for any autograd.Function)."""
+    from revnet_zero.reference import reference_block
+    torch.manual_seed(4)
+    stack = ReversibleSequence([coupling("additive", 8) for _ in range(4)])
+    x, w1, w2 = torch.randn(2, 5, 8, requires_grad=True), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    seen, kept = [], []
+    handle = stack.blocks[1].register_forward_hook(lambda m, args, out: seen.extend(out))
+    y1, y2 = stack(x)
+    handle.remove()
+    for t in seen:
+        t.register_hook(lambda g: kept.append(g))
+    got = torch.autograd.grad((y1 * w1).sum() + (y2 * w2).sum(), [*seen, x])
+    a1, a2 = (t.detach().requires_grad_() for t in seen)
+    b1, b2 = a1, a2
+    for block in stack.blocks[2:]:
+        b1, b2 = reference_block(block.coupling, b1, b2)
+    want = torch.autograd.grad((b1 * w1).sum() + (b2 * w2).sum(), [a1, a2])
+    want_x = grads_of(ref, stack, x, w1, w2)[0]
+    assert len(kept) == 2
+    assert max(rel_err(a, b) for a, b in zip([*kept, *got[:2]], [*want, *want])) <= 1e-6
+    assert rel_err(got[2], want_x) <= 1e-6

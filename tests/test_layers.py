@@ -5,12 +5,14 @@ Tolerances as in test_models.py: 1e-6 relative for reversible vs plain autograd 
 """
 import pytest
 import torch
+from torch import nn
 
 from revnet_zero import ReversibleSequence
 from revnet_zero.layers import (AffineCoupling, CouplingType, FeedForward, ReversibleAttention, ReversibleFFN,
                                 SelfAttention)
 from revnet_zero.layers.rope import apply_rope, rope_cos_sin
 from revnet_zero.ops import check_int32_numel
+from helpers import rel_err
 from test_models import attention, ffn, rel, update
 
 D, H = 40, 4
@@ -124,3 +126,45 @@ def test_rope_scores_depend_only_on_relative_position():
     assert torch.allclose(scores[7, 7], q.flatten() @ k.flatten(), atol=1e-5)
     c2, s2 = rope_cos_sin(13, 5, 16, 10000.0)
     assert torch.allclose(c2, cos[13:18]) and torch.allclose(s2, sin[13:18])
+
+
+def test_rope_function_matches_the_formula_and_gradchecks():
+    """The rotation is linear: the Function keeps only cos/sin and rotates the gradient back. Its
+    output equals the textbook formula; fp64 gradcheck; the gradient keeps the input's layout."""
+    torch.manual_seed(0)
+    cos, sin = rope_cos_sin(3, 7, 8, 10000.0)
+    x = torch.randn(2, 7, 3, 8, dtype=torch.float64).transpose(1, 2).requires_grad_()   # [B, H, S, hd]
+    a, b = x.chunk(2, dim=-1)
+    c, s = cos.double(), sin.double()
+    assert torch.allclose(apply_rope(x, c, s), torch.cat([a * c - b * s, b * c + a * s], dim=-1), atol=1e-14)
+    assert torch.autograd.gradcheck(lambda t: apply_rope(t, c, s), (x,))
+    proj = torch.randn(2, 7, 24, dtype=torch.float64, requires_grad=True)
+    q = proj.view(2, 7, 3, 8).transpose(1, 2)
+    apply_rope(q, c, s).sum().backward()
+    assert proj.grad is not None and proj.grad.shape == proj.shape
+
+
+@pytest.mark.parametrize("rows", [16384, 3])
+def test_rms_norm_cast_matches_nn_rmsnorm(rows, monkeypatch):
+    """float32: the same arithmetic as nn.RMSNorm (<= 1e-6 relative: the backward recomputes the
+    normalised rows and sums in another order); bf16 output = nn.RMSNorm's float32 output rounded
+    once; float64 gradcheck; chunking (rows per chunk) changes nothing."""
+    from revnet_zero.ops import norm
+    monkeypatch.setattr(norm, "ROWS", rows)
+    torch.manual_seed(0)
+    ref = nn.RMSNorm(12, eps=1e-5)
+    nn.init.normal_(ref.weight)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    w = ref.weight
+    out = norm.rms_norm_cast(x, w, 1e-5, torch.float32)
+    want = ref(x)
+    assert rel_err(out, want) <= 1e-6
+    g = torch.randn_like(want)
+    got_grads = torch.autograd.grad(out, [x, w], g)
+    want_grads = torch.autograd.grad(want, [x, w], g)
+    assert max(rel_err(a, b) for a, b in zip(got_grads, want_grads)) <= 1e-6
+    assert torch.equal(norm.rms_norm_cast(x, w, 1e-5, torch.bfloat16), want.to(torch.bfloat16))
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: norm.rms_norm_cast(a, b, 1e-5, torch.float64), (xd, wd))
+    with pytest.raises(ValueError, match="must match the last dim"):
+        norm.rms_norm_cast(x, torch.ones(5), 1e-5, torch.float32)

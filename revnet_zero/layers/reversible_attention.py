@@ -8,14 +8,9 @@ from torch import Tensor, nn
 from ..engine import ReversibleBlock
 from ..ops import kept_attention
 from ..ops.limits import INT32_MAX_NUMEL, check_int32_numel
+from ..ops.norm import compute_dtype, rms_norm_cast
 from .coupling_layers import CouplingType, StepCoupling, make_coupling
 from .rope import apply_rope, rope_cos_sin
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype matmuls on ``x`` run in: the autocast dtype when autocast is on, else ``x``'s."""
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 class KVCache:
@@ -82,8 +77,8 @@ class SelfAttention(nn.Module):
         B, S, D = x.shape
         check_int32_numel(B * S * self.wo.out_features, f"the attention output [B={B}, S={S}, "
                           f"{self.wo.out_features}]", "Use a shorter sequence or a smaller batch.")
-        h = self.norm(x.to(self.norm.weight.dtype))    # float32 streams, maybe bf16 weights
-        h = h.to(compute_dtype(h))  # one low-precision copy feeds q, k and v (autocast would make three)
+        # one low-precision copy of the normed stream feeds q, k and v (autocast would make three)
+        h = rms_norm_cast(x, self.norm.weight, self.norm.eps, compute_dtype(self.norm.weight))
         q = self.wq(h).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)       # (B, H, S, hd)
         k = self.wk(h).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)    # (B, Hkv, S, hd)
         v = self.wv(h).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from ..engine import ReversibleBlock
 from ..ops.limits import check_int32_numel
+from ..ops.norm import compute_dtype, rms_norm_cast
 from .coupling_layers import CouplingType, StepCoupling, make_coupling
 
 ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "swish": F.silu, "relu": F.relu}
@@ -44,7 +45,7 @@ class FeedForward(nn.Module):
         B, S, _ = x.shape
         check_int32_numel(B * S * self.w_in.out_features, f"the FFN intermediate [B={B}, S={S}, "
                           f"{self.w_in.out_features}]", "Set ffn_chunk_size (seq_chunk) to tile the sequence.")
-        h = self.w_in(self.norm(x.to(self.norm.weight.dtype)))   # float32 streams, maybe bf16 weights
+        h = self.w_in(rms_norm_cast(x, self.norm.weight, self.norm.eps, compute_dtype(self.norm.weight)))
         act = ACTIVATIONS[self.activation]
         if self.gated:
             gate, up = h.chunk(2, dim=-1)

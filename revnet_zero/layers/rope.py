@@ -21,8 +21,40 @@ def rope_cos_sin(start: int, length: int, head_dim: int, theta: float,
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate ``x`` ``[B, H, S, head_dim]`` by the angles of ``cos``/``sin`` ``[S, head_dim / 2]``.
 
-    Computed in ``x``'s dtype (as Hugging Face Llama does), so no float32 copy of q and k is made.
+    Computed in ``x``'s dtype (as Hugging Face Llama does, each product accumulated in float32), so
+    no float32 copy of q and k is made. The result is contiguous ``[B, H, S, head_dim]`` (the layout
+    the attention kernels take). The rotation is linear, so autograd keeps only ``cos``/``sin``:
+    backward rotates the gradient back, and ``x`` (a projection's output) is freed after forward.
     """
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if not torch.is_grad_enabled() or not x.requires_grad:
+        return _rotate(x, cos.to(x.dtype), sin.to(x.dtype))
+    return _Rope.apply(x, cos, sin)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor | None = None) -> Tensor:
+    """``[a, b] -> [a cos - b sin, b cos + a sin]`` along the last dim (``sin`` negated: the inverse)."""
     a, b = x.chunk(2, dim=-1)
-    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    lo, hi = out.chunk(2, dim=-1)
+    torch.mul(a, cos, out=lo).addcmul_(b, sin, value=-1)
+    torch.mul(b, cos, out=hi).addcmul_(a, sin)
+    return out
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        ctx.save_for_backward(cos, sin)
+        # the gradient is laid out like x (a transposed projection output), so the projection's
+        # backward needs no copy
+        ctx.layout = x.stride() if x.transpose(1, 2).is_contiguous() else None
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        out = None
+        if ctx.layout is not None:
+            out = torch.empty_strided(dy.shape, ctx.layout, dtype=dy.dtype, device=dy.device)
+        return _rotate(dy, cos, -sin, out), None, None
