@@ -1,0 +1,163 @@
+"""Fine-tuning a converted Hugging Face Llama: memory and speed against ordinary training and
+Hugging Face's gradient checkpointing (GPU).
+
+Modes, on one randomly initialised ``LlamaForCausalLM`` (nothing is downloaded):
+  ordinary  plain autograd;
+  hf_ac     ``model.gradient_checkpointing_enable(use_reentrant=False)`` (keeps each layer's input);
+  bdia      ``convert_to_reversible(model, gamma0=...)`` (keeps log2(1/gamma0) bits per element per layer).
+Every mode uses the same loss: the fused chunked head + cross-entropy on the last hidden state (the
+128k-vocabulary logits never exist), bf16 autocast, batch 1, SDPA attention (cuDNN forced).
+
+Two shapes: ``1b`` (d 2048, 16 layers, 32/8 heads, FFN 8192; float32 weights, AdamW-free step) and
+``8b`` (d 4096, 32/8 heads, FFN 14336; bf16 frozen weights, LoRA r=16 on q/k/v/o via peft). The
+kept memory per layer is the slope of peak memory over depth (``--depths``) at one length.
+
+    python benchmarks/conversion_memory.py --shape 1b --lengths 8192,32768,131072 --depths 8,16 --commit C --out $OUT
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from revnet_zero import convert_to_reversible  # noqa: E402
+from revnet_zero.benchmarks.measure import environment, free_memory, gpu_slug, measure_step, random_ids  # noqa: E402
+from revnet_zero.benchmarks.sdpa import sdpa_context  # noqa: E402
+from revnet_zero.ops.loss import fused_linear_cross_entropy  # noqa: E402
+
+GIB = 2**30
+SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
+               vocab_size=128256, rope_theta=500000.0),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+               vocab_size=128256, rope_theta=500000.0),
+}
+
+
+class LossOf(nn.Module):
+    """``model(ids)`` -> the fused head + cross-entropy loss on the base model's last hidden state."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        base = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+        h = base.model(input_ids=ids).last_hidden_state
+        targets = torch.cat([ids[:, 1:], ids.new_full((ids.shape[0], 1), -100)], dim=1)
+        return fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), base.lm_head.weight, targets.reshape(-1))
+
+
+def build(shape: str, layers: int, seq: int, mode: str, gamma0: float, device: torch.device) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(**SHAPES[shape], num_hidden_layers=layers, max_position_embeddings=max(seq, 8192),
+                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if shape == "8b" else torch.float32
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model.config.use_cache = False
+    if mode == "hf_ac":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif mode == "bdia":
+        model = convert_to_reversible(model, gamma0=gamma0, inplace=True, verbose=False)
+    if shape == "8b":
+        import peft
+        lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                               lora_dropout=0.0)
+        model = peft.get_peft_model(model, lora)
+        if mode == "hf_ac":
+            model.enable_input_require_grads()   # checkpointing needs a grad-requiring input under LoRA
+    model.train()
+    return LossOf(model)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="1b", choices=sorted(SHAPES))
+    p.add_argument("--modes", default="ordinary,hf_ac,bdia")
+    p.add_argument("--lengths", default="8192,32768,131072")
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--depths", default="", help="two depths at --slope-seq for the kept bytes per layer")
+    p.add_argument("--slope-seq", type=int, default=32768)
+    p.add_argument("--gamma0", type=float, default=0.125)
+    p.add_argument("--sdpa", default="cudnn")
+    p.add_argument("--commit", default=None)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--topic", default=None)
+    a = p.parse_args(argv)
+    dev = torch.device("cuda")
+    env = environment(dev, a.commit)
+    stem = os.path.join(a.out, f"{a.topic or 'conversion_' + a.shape}_{gpu_slug(env['gpu'])}_{env['date']}")
+    os.makedirs(a.out, exist_ok=True)
+    runs = [(seq, a.layers) for seq in (int(x) for x in a.lengths.split(",") if x)]
+    runs += [(a.slope_seq, int(d)) for d in a.depths.split(",") if d and (a.slope_seq, int(d)) not in runs]
+    rows, stopped = [], set()
+    with sdpa_context(a.sdpa):
+        for mode in a.modes.split(","):
+            for seq, layers in runs:
+                if (mode, layers) in stopped:
+                    rows.append({**env, "mode": mode, "seq": seq, "layers": layers, "status": "skipped",
+                                 "error": "out of memory at a shorter length"})
+                    continue
+                try:
+                    model = build(a.shape, layers, seq, mode, a.gamma0, dev)
+                except Exception as e:  # noqa: BLE001 - recorded in the row
+                    rows.append({**env, "mode": mode, "seq": seq, "layers": layers, "status": "error",
+                                 "error": f"{type(e).__name__}: {e}"[:300]})
+                    continue
+                ids = random_ids(model.lm.config.vocab_size, 1, seq, dev)
+                long = seq >= 131072
+                warm = random_ids(model.lm.config.vocab_size, 1, 8192, dev, seed=1) if long else ids
+                r = measure_step(model, ids, torch.bfloat16, 1 if long else 2, warm)
+                row = {**env, "mode": mode, "shape": a.shape, "seq": seq, "layers": layers, "status": r.status,
+                       "step_s": r.step_s, "tokens_per_s": seq / r.step_s if r.step_s else None,
+                       "peak_gib": r.peak_gib, "static_gib": r.static_gib, "error": r.error,
+                       "gamma0": a.gamma0 if mode == "bdia" else None}
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k not in env}), flush=True)
+                if r.status == "oom":
+                    stopped.add((mode, layers))
+                del model
+                free_memory(dev)
+                write(stem, rows, env, a)
+    write(stem, rows, env, a)
+
+
+def write(stem: str, rows: list[dict], env: dict, a) -> None:
+    with open(stem + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    ok = {(r["mode"], r["seq"], r["layers"]): r for r in rows if r["status"] == "ok"}
+    lines = [f"# Converted Llama ({a.shape}) fine-tuning: ordinary vs HF checkpointing vs BDIA", "",
+             f"GPU {env['gpu']}, torch {env['torch']}, commit {env['commit']}, {env['date']}; bf16 autocast, "
+             f"batch 1, fused head+loss in every mode, BDIA gamma0 = {a.gamma0}. Step: median of 2 below 128k "
+             "tokens, one step from 128k.", "",
+             "| mode | layers | seq | step s | tokens/s | vs hf_ac | peak GiB | static GiB | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ac = ok.get(("hf_ac", r["seq"], r["layers"]))
+        vs = f"{ac['step_s'] / r['step_s']:.2f}x" if ac and r.get("step_s") else "-"
+        fmt = lambda v, s=".2f": "-" if v is None else f"{v:{s}}"  # noqa: E731
+        lines.append(f"| {r['mode']} | {r['layers']} | {r['seq']} | {fmt(r.get('step_s'), '.3f')} | "
+                     f"{fmt(r.get('tokens_per_s'), '.0f')} | {vs} | {fmt(r.get('peak_gib'))} | "
+                     f"{fmt(r.get('static_gib'))} | {r['status']} {r.get('error') or ''} |")
+    depths = sorted({r["layers"] for r in rows if r["seq"] == a.slope_seq})
+    if len(depths) >= 2:
+        lines += ["", f"Kept bytes per layer per token (slope of peak - static over depth at {a.slope_seq} tokens):", ""]
+        for mode in a.modes.split(","):
+            lo, hi = ok.get((mode, a.slope_seq, depths[0])), ok.get((mode, a.slope_seq, depths[-1]))
+            if lo and hi:
+                per = ((hi["peak_gib"] - hi["static_gib"]) - (lo["peak_gib"] - lo["static_gib"])) * GIB
+                per /= (depths[-1] - depths[0]) * a.slope_seq
+                lines.append(f"- {mode}: {per:.0f} B per layer per token")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
