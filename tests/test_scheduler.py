@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from revnet_zero.memory import (AdaptiveScheduler, LayerCost, LayerScheduler, MemoryProfile, MemoryProfiler,
-                                MemoryScheduler, plan)
+                                MemoryScheduler, plan, verified_plan)
 from revnet_zero.models import ReversibleGPT, TransformerConfig
 from revnet_zero.utils import DetailedMemoryProfiler
 
@@ -61,6 +61,26 @@ def test_planner_is_optimal_and_never_exceeds_the_budget(seed):
     # the room here is under 4096 bytes, so the DP's byte unit is 1 and it must find the optimum
     assert p.predicted_seconds <= best[1] + 1e-9
     assert "predicted peak" in p.explain()
+
+
+def test_verified_plan_corrects_an_underestimating_profile():
+    """The real step keeps 300 bytes more per 'store' block than the profile says (what run boundaries
+    cost on a GPU). verified_plan measures each plan and replans with the overshoot taken off the
+    room until the measured peak fits; if it never does, it says so with the figures."""
+    prof = synthetic(4, 0)
+
+    def measure(policies):
+        return prof.predict(policies)[0] + 300 * policies.count("store")
+
+    budget = 4000
+    first = plan(prof, budget)
+    assert measure(first.policies) > budget           # the unverified plan would overrun
+    p = verified_plan(prof, budget, measure)
+    assert p.measured_peak == measure(p.policies) <= budget
+    assert p.first_error == measure(first.policies) - first.predicted_peak > 0
+    assert "measured peak" in p.explain()
+    with pytest.raises(ValueError, match="no verified plan within"):
+        verified_plan(prof, budget, lambda policies: budget + 1)
 
 
 def test_adaptive_scheduler_plans_applies_and_keeps_gradients_exact():

@@ -6,12 +6,29 @@ import torch
 from torch import Tensor
 
 
+_CACHE: dict = {}
+CACHE_MAX = 2**22   # elements per table (16 MiB in float32)
+
+
 def rope_cos_sin(start: int, length: int, head_dim: int, theta: float,
                  device: torch.device | None = None) -> tuple[Tensor, Tensor]:
     """cos and sin ``[length, head_dim / 2]`` (float32) for positions ``start .. start + length - 1``.
 
     The angles are formed in float64: at position 2M a float32 angle is off by up to 0.06 rad.
+    The last result up to ``CACHE_MAX`` elements is cached: every layer of a step asks for the same
+    table, in forward and in the recompute, and at short lengths building it costs more launches than
+    the rotation itself. The tables are never written to.
     """
+    if length * head_dim // 2 > CACHE_MAX:
+        return _angles(start, length, head_dim, theta, device)
+    key = (start, length, head_dim, float(theta), str(torch.device(device) if device is not None else "cpu"))
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = _angles(start, length, head_dim, theta, device)
+    return _CACHE[key]
+
+
+def _angles(start: int, length: int, head_dim: int, theta: float, device) -> tuple[Tensor, Tensor]:
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
     pos = torch.arange(start, start + length, dtype=torch.float64, device=device)
     angles = torch.outer(pos, inv_freq)

@@ -125,6 +125,20 @@ class MemoryProfiler:
         return MemoryProfile(tuple(ids.shape), str(ids.device), base["baseline"], fixed, costs,
                              max(0.0, base["step_s"] - block_s))
 
+    def measure_peak(self, sample_batch, policies: Sequence[str]) -> int:
+        """Measured peak bytes (``torch.cuda.max_memory_allocated``) of one step with these per-block
+        policies; 0 on CPU. The blocks' policies are restored after."""
+        blocks = list(self.seq.blocks)
+        if len(policies) != len(blocks):
+            raise ValueError(f"{len(policies)} policies for {len(blocks)} blocks")
+        saved = [b.policy for b in blocks]
+        ids = sample_batch["input_ids"] if isinstance(sample_batch, dict) else sample_batch
+        try:
+            return self._step(sample_batch, blocks, dict(enumerate(policies)), ids.is_cuda)["peak"]
+        finally:
+            for b, p in zip(blocks, saved):
+                b.policy = p
+
     def _step(self, batch, blocks: list[ReversibleBlock], policies: dict[int, str], cuda: bool) -> dict:
         """One step with the given policies (others: recompute); per-block bytes, peaks, seconds."""
         for i, b in enumerate(blocks):
@@ -163,6 +177,15 @@ class MemoryProfiler:
                 new_out = sum(nb for k, nb in _storage_bytes(out).items() if k not in r["in"])
                 if cuda:
                     r["kept"] = torch.cuda.memory_allocated() - r["m0"] - new_out
+                    if module.policy == "store":
+                        # plain autograd keeps the block's input streams, which a recompute run
+                        # would free after the next block (allocated before, so not in the delta)
+                        r["kept"] += sum(r["in"].values())
+                    store = getattr(out[0].grad_fn, "store", None)
+                    if store is not None and store.offload:
+                        # in a run of offloading blocks, the next block's kept attention is fetched
+                        # back while this one is recomputed: one more copy on the GPU
+                        r["prefetch"] = store.nbytes
                 else:
                     r["ctx"].__exit__(None, None, None)
                     store = getattr(out[0].grad_fn, "store", None)
@@ -200,6 +223,7 @@ class MemoryProfiler:
             start, end = bnd.get(i + 1), bnd.get(i)
             back_s = clock.seconds(start[0], end[0]) if start and end else 0.0
             transient = max(0, end[1] - start[2]) if cuda and start and end else 0
+            transient += r.get("prefetch", 0)
             layers[i] = LayerCost(int(r.get("kept", 0)), int(transient), clock.seconds(r["t0"], r["t1"]), back_s)
         return {"layers": layers, "baseline": baseline, "peak": peak, "step_s": clock.seconds(t0, t1)}
 

@@ -35,6 +35,8 @@ class Plan:
     predicted_seconds: float
     budget: int
     profile: MemoryProfile
+    measured_peak: int | None = None   # set by verified_plan: the peak of a step under this plan
+    first_error: int | None = None     # measured - predicted peak of the first, unverified plan
 
     def explain(self) -> str:
         rows = ["block | policy            | kept MiB | transient MiB | seconds",
@@ -45,7 +47,8 @@ class Plan:
                         f"{k.seconds:.4f}")
         rows.append(f"predicted peak {self.predicted_peak / MiB:.0f} MiB (budget {self.budget / MiB:.0f} MiB; "
                     f"baseline {self.profile.baseline_bytes / MiB:.0f}, fixed {self.profile.fixed_bytes / MiB:.0f}), "
-                    f"predicted step {self.predicted_seconds:.4f} s")
+                    f"predicted step {self.predicted_seconds:.4f} s"
+                    + (f"; measured peak {self.measured_peak / MiB:.0f} MiB" if self.measured_peak else ""))
         return "\n".join(rows)
 
 
@@ -74,6 +77,26 @@ def plan(profile: MemoryProfile, budget: int, allowed: Sequence[str] = POLICIES,
                          f"one needs {need / MiB:.0f} MiB (allowed policies {list(allowed)})")
     peak, seconds = profile.predict(best[1])
     return Plan(best[1], peak, seconds, budget, profile)
+
+
+def verified_plan(profile: MemoryProfile, budget: int, measure, allowed: Sequence[str] = POLICIES,
+                  fixed: dict[int, str] | None = None, tries: int = 3) -> Plan:
+    """``plan``, then one measured step (``measure(policies) -> peak bytes``) to check it. The profile
+    prices each block alone; neighbours interact a little (run boundaries, prefetches), so when the
+    measured peak exceeds the budget the plan is redone with the room reduced by the overshoot. The
+    returned plan's ``measured_peak`` is within the budget, or ValueError says by how much it is not.
+    """
+    correction, last = 0, None
+    for _ in range(tries):
+        p = plan(profile, budget - correction, allowed, fixed)
+        peak = measure(p.policies)
+        p.measured_peak, p.first_error = peak, (last.first_error if last else peak - p.predicted_peak)
+        if peak <= budget or peak == 0:
+            return p
+        correction += peak - budget
+        last = p
+    raise ValueError(f"no verified plan within {budget / MiB:.0f} MiB after {tries} tries: the last measured "
+                     f"{last.measured_peak / MiB:.0f} MiB ({(last.measured_peak - budget) / MiB:.0f} MiB over)")
 
 
 def _knapsack(profile: MemoryProfile, opts: list[list[str]], room: int):
@@ -165,9 +188,14 @@ class MemoryScheduler:
         full = self.memory_budget if self.memory_budget is not None else device_budget(profile.device)
         return full if self.strategy == "adaptive" else (least.predicted_peak + full) // 2
 
-    def _plan_for(self, profile: MemoryProfile) -> Plan:
+    def _plan_for(self, profile: MemoryProfile, profiler: MemoryProfiler | None = None, batch=None) -> Plan:
         self.profile = profile
-        self.plan = plan(profile, self._budget(profile), self.allowed, self._fixed())
+        if profiler is not None and profile.device.startswith("cuda"):
+            self.plan = verified_plan(profile, self._budget(profile),
+                                      lambda policies: profiler.measure_peak(batch, policies),
+                                      self.allowed, self._fixed())
+        else:
+            self.plan = plan(profile, self._budget(profile), self.allowed, self._fixed())
         self._apply(self.plan.policies)
         return self.plan
 
@@ -186,7 +214,8 @@ class MemoryScheduler:
             return
         self._busy = True
         try:
-            self._plan_for(MemoryProfiler(self.model, self.allowed + ("recompute",)).profile(ids))
+            profiler = MemoryProfiler(self.model, self.allowed + ("recompute",))
+            self._plan_for(profiler.profile(ids), profiler, ids)
         finally:
             self._busy = False
 

@@ -5,11 +5,13 @@ casts to bf16; autograd keeps both the float32 normalised tensor (for the weight
 bf16 copy, 6 bytes per element beside the stream. ``rms_norm_cast`` computes in float32 (float64 for float64 input) a row chunk at a
 time, writes the low-precision output directly, and saves the input (the stream, alive anyway) and
 one float32 per row; backward recomputes the normalised rows. Same arithmetic as ``nn.RMSNorm`` in
-float32 (``x * rsqrt(mean(x^2) + eps) * w``), then one rounding to the output dtype.
+float32 (``x * rsqrt(mean(x^2) + eps) * w``), then one rounding to the output dtype. On CUDA, where
+PyTorch's fused RMSNorm kernel keeps the same two tensors, that kernel is used (fewer launches).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -30,9 +32,26 @@ def rms_norm_cast(x: Tensor, weight: Tensor, eps: float | None, dtype: torch.dty
     if x.shape[-1:] != weight.shape:
         raise ValueError(f"rms_norm_cast: weight {tuple(weight.shape)} must match the last dim of x "
                          f"{tuple(x.shape)}")
+    if x.is_cuda and _fused_on_cuda():
+        # one fused kernel each way; its autograd keeps x and the per-row rstd, and the float32
+        # output dies at the cast
+        return F.rms_norm(x, x.shape[-1:], weight.to(x.dtype), eps).to(dtype)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _RMSNormCast.apply(x, weight, eps, dtype)
     return _forward(x, weight, eps, dtype)[0]
+
+
+_FUSED: list[bool] = []
+
+
+def _fused_on_cuda() -> bool:
+    """Whether ``F.rms_norm`` on CUDA runs PyTorch's fused kernel (whose backward keeps only the
+    input and rstd) rather than the composite that keeps the normalised float32 tensor."""
+    if not _FUSED:
+        x = torch.ones(2, 8, device="cuda", requires_grad=True)
+        y = F.rms_norm(x, (8,), torch.ones(8, device="cuda"), 1e-5)
+        _FUSED.append("fused" in type(y.grad_fn).__name__.lower())
+    return _FUSED[0]
 
 
 def _forward(x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
