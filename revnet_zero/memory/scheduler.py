@@ -85,6 +85,7 @@ def verified_plan(profile: MemoryProfile, budget: int, measure, allowed: Sequenc
     prices each block alone; neighbours interact a little (run boundaries, prefetches), so when the
     measured peak exceeds the budget the plan is redone with the room reduced by the overshoot. The
     returned plan's ``measured_peak`` is within the budget, or ValueError says by how much it is not.
+    The room is cut by at least the last plan's own underestimate, so the next plan differs.
     """
     correction, last = 0, None
     for _ in range(tries):
@@ -93,7 +94,7 @@ def verified_plan(profile: MemoryProfile, budget: int, measure, allowed: Sequenc
         p.measured_peak, p.first_error = peak, (last.first_error if last else peak - p.predicted_peak)
         if peak <= budget or peak == 0:
             return p
-        correction += peak - budget
+        correction = max(correction + peak - budget, peak - p.predicted_peak)
         last = p
     raise ValueError(f"no verified plan within {budget / MiB:.0f} MiB after {tries} tries: the last measured "
                      f"{last.measured_peak / MiB:.0f} MiB ({(last.measured_peak - budget) / MiB:.0f} MiB over)")

@@ -49,10 +49,13 @@ class AttentionStore:
         self.entries.append({"kept": kept, "meta": meta, "device": None})
 
     def prefetch(self) -> None:
-        """Start copying offloaded entries back to the GPU on the side stream."""
+        """Start copying offloaded entries back to the GPU on the side stream; an event per entry
+        marks when its copy is done."""
         for e in self.entries:
             if e["device"] is None and not e["kept"][0].is_cuda and torch.cuda.is_available():
                 e["device"] = tuple(_to_device(*e["kept"]))
+                e["ready"] = torch.cuda.Event()
+                e["ready"].record(_side_stream())
 
     def pop(self) -> tuple[Tensor, Tensor, tuple]:
         if self.cursor >= len(self.entries):
@@ -66,7 +69,8 @@ class AttentionStore:
             self.prefetch()
         out, lse = e["device"]
         e["device"] = None  # used once per backward: the host copy stays for retain_graph
-        torch.cuda.current_stream().wait_stream(_side_stream())
+        # wait for this entry's copy only: the side stream may already hold the next block's prefetch
+        torch.cuda.current_stream().wait_event(e.pop("ready"))
         out.record_stream(torch.cuda.current_stream())
         lse.record_stream(torch.cuda.current_stream())
         return out, lse, e["meta"]
