@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from revnet_zero import convert_to_reversible  # noqa: E402
 from revnet_zero.benchmarks.measure import environment, free_memory, gpu_slug, measure_step, random_ids  # noqa: E402
 from revnet_zero.benchmarks.sdpa import sdpa_context  # noqa: E402
@@ -159,5 +160,54 @@ def write(stem: str, rows: list[dict], env: dict, a) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+
+
+def kept_per_layer(shape: str, mode: str, lengths=(128, 256), depths=(1, 2), gamma0: float = 0.125) -> float:
+    """Bytes per layer per token a training forward keeps for backward, measured on CPU: live tensor
+    bytes once the bf16-autocast forward has returned (``memory_breakdown.LiveTensors``; autocast's
+    weight-cast cache is gone by then), differenced over two depths and two lengths, so fixed and
+    per-layer-constant bytes (e.g. bf16 weight copies the graph keeps) cancel."""
+    from memory_breakdown import LiveTensors
+    live = {}
+    for layers in depths:
+        for seq in lengths:
+            model = build(shape, layers, seq, mode, gamma0, torch.device("cpu"))
+            ids = random_ids(model.lm.config.vocab_size, 1, seq, torch.device("cpu"))
+            tracer = LiveTensors()
+            with tracer:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = model(ids)
+                live[layers, seq] = tracer.current
+            del loss, model
+    (d0, d1), (s0, s1) = depths, lengths
+    return (live[d1, s1] - live[d1, s0] - live[d0, s1] + live[d0, s0]) / ((d1 - d0) * (s1 - s0))
+
+
+def main_kept(argv=None) -> None:
+    """``python benchmarks/conversion_memory.py kept --shape 1b``: the kept-bytes table (CPU)."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="1b", choices=sorted(SHAPES))
+    p.add_argument("--out", default="benchmarks/results")
+    a = p.parse_args(argv)
+    env = environment(torch.device("cpu"))
+    rows = {mode: kept_per_layer(a.shape, mode) for mode in ("ordinary", "hf_ac", "bdia")}
+    d = SHAPES[a.shape]["hidden_size"]
+    lines = [f"# Kept bytes per layer per token, converted Llama ({a.shape}, d={d})", "",
+             f"Measured on CPU (torch {env['torch']}, commit {env['commit']}, {env['date']}): live tensor bytes "
+             "after a bf16-autocast training forward (float32 weights), differenced over 1 vs 2 layers and 128 vs "
+             "256 tokens: what each layer holds until backward, per token. BDIA gamma0 = 1/8 (3 bits per "
+             "element).", "", "| mode | bytes / layer / token | vs hf_ac |", "|---|---|---|"]
+    for mode, b in rows.items():
+        lines.append(f"| {mode} | {b:,.0f} | {b / rows['hf_ac']:.3f} |")
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, f"conversion_kept_{a.shape}_cpu_{env['date']}.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["kept"]:
+        main_kept(sys.argv[2:])
+    else:
+        main()
