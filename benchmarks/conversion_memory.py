@@ -149,7 +149,9 @@ def write(stem: str, rows: list[dict], env: dict, a) -> None:
                      f"{fmt(r.get('static_gib'))} | {r['status']} {r.get('error') or ''} |")
     depths = sorted({r["layers"] for r in rows if r["seq"] == a.slope_seq})
     if len(depths) >= 2:
-        lines += ["", f"Kept bytes per layer per token (slope of peak - static over depth at {a.slope_seq} tokens):", ""]
+        lines += ["", "Peak growth per layer per token (slope of peak - static over depth; it includes the extra "
+                  "layers' parameter gradients when the weights train, and is not the kept activation memory, "
+                  f"which conversion_memory.py kept measures) at {a.slope_seq} tokens:", ""]
         for mode in a.modes.split(","):
             lo, hi = ok.get((mode, a.slope_seq, depths[0])), ok.get((mode, a.slope_seq, depths[-1]))
             if lo and hi:
