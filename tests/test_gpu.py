@@ -116,3 +116,32 @@ def test_cuda_model_policies_against_float64():
         assert e <= 2 * e_store + 1e-3, (policy, e, e_store)
     print("\nmodel d=512 L=4 S=4096 GQA bf16, grad rel err vs fp64: " + ", ".join(line))
     assert len(params) == len(g64)
+
+
+def test_cuda_detailed_memory_profiler(tmp_path):
+    """DetailedMemoryProfiler on CUDA: the allocator's history gives a timeline whose relative peak is
+    what max_memory_allocated saw above the start, and the plot and Chrome trace are written."""
+    from revnet_zero.models import ReversibleGPT, TransformerConfig
+    from revnet_zero.utils import DetailedMemoryProfiler
+    torch.manual_seed(0)
+    model = ReversibleGPT(TransformerConfig.preset("tiny", num_layers=4)).cuda()
+    ids = torch.randint(0, 256, (2, 512), device="cuda")
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    prof = DetailedMemoryProfiler()
+    with prof:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids).loss
+        loss.backward()
+    report = prof.generate_report()
+    rel_peak = max(b for _, b in report.timeline)
+    summary = report.summary()
+    print("\n" + summary.splitlines()[0], f"timeline peak {rel_peak / 2**20:.2f} MiB, allocator peak above start "
+          f"{(report.peak_bytes - start) / 2**20:.2f} MiB")
+    assert "device: cuda" in summary
+    assert report.peak_bytes is not None and rel_peak > 0
+    assert abs(rel_peak - (report.peak_bytes - start)) <= 0.05 * (report.peak_bytes - start) + 2**20
+    report.plot_memory_timeline(str(tmp_path / "timeline.png"))
+    report.export_chrome_trace(str(tmp_path / "trace.json"))
+    assert (tmp_path / "timeline.png").stat().st_size > 1000
+    assert (tmp_path / "trace.json").read_text().lstrip().startswith("{")
