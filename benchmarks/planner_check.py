@@ -47,6 +47,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of the code path (no peaks)")
     a = p.parse_args(argv)
+    # as benchmarks/run.py: without expandable segments, full AC at 256k fails on fragmentation
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     dev = torch.device(a.device)
     env = environment(dev, a.commit)
     stem = os.path.join(a.out, f"planner_{gpu_slug(env['gpu'])}_{env['date']}")
@@ -65,7 +67,8 @@ def main(argv=None) -> None:
                     continue
                 with apply_mode(model, mode):
                     ref[mode] = measure_step(model, ids, AMP, repeats, warm)
-                print(f"{seq} {mode}: {ref[mode]}", flush=True)
+                print(f"{seq} {mode}: {ref[mode].status} {ref[mode].step_s} s {ref[mode].peak_gib} GiB "
+                      f"{ref[mode].error or ''}", flush=True)
             t0 = time.perf_counter()
             profiler = MemoryProfiler(model, loss_fn=loss_fn)
             prof = profiler.profile(ids)
