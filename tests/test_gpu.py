@@ -145,3 +145,21 @@ def test_cuda_detailed_memory_profiler(tmp_path):
     report.export_chrome_trace(str(tmp_path / "trace.json"))
     assert (tmp_path / "timeline.png").stat().st_size > 1000
     assert (tmp_path / "trace.json").read_text().lstrip().startswith("{")
+
+
+def test_cuda_first_call_under_checkpoint_or_no_grad():
+    """The fused-RMSNorm probe runs on the first CUDA call. Under torch.utils.checkpoint it must not
+    add saved tensors to the original forward (the recompute would then see fewer); under no_grad it
+    must still detect the fused kernel."""
+    from torch.utils.checkpoint import checkpoint
+    from revnet_zero.ops import norm
+    from revnet_zero.layers.reversible_ffn import FeedForward
+    ffn = FeedForward(64, 128).cuda()
+    x = torch.randn(1, 32, 64, device="cuda", requires_grad=True)
+    norm._FUSED.clear()
+    checkpoint(ffn, x, use_reentrant=False).sum().backward()
+    first = list(norm._FUSED)
+    norm._FUSED.clear()
+    with torch.no_grad():
+        ffn(x)
+    assert norm._FUSED == first and x.grad is not None
