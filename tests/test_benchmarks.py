@@ -203,3 +203,41 @@ def _row(mode, seq_len, peak, step):
             "peak_gib": peak, "static_gib": 0.5 if peak else None, "energy_j_per_token": None,
             "sdpa_backend": "flash", "gpu": "cpu", "torch": "2", "commit": "abc1234", "date": "2026-01-01",
             "amp": "bf16", "d_model": 64}
+
+
+def _script(name):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kept_bytes_measure_gives_the_known_answers(monkeypatch):
+    """The method behind conversion_kept_*.md, on a tiny Llama (d=64): checkpointing keeps each layer's
+    float32 input (4 * 64 = 256 bytes per token), BDIA with gamma0 = 1/8 keeps 3 bits per element
+    (64 * 3 / 8 = 24 bytes). Exact: every other byte cancels in the two-by-two difference."""
+    pytest.importorskip("transformers")
+    cm = _script("conversion_memory")
+    monkeypatch.setitem(cm.SHAPES, "1b", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                              num_key_value_heads=2, vocab_size=300))
+    assert cm.kept_per_layer("1b", "hf_ac", lengths=(16, 32)) == 256
+    assert cm.kept_per_layer("1b", "bdia", lengths=(16, 32)) == 24
+
+
+def test_memory_breakdown_counts_what_is_alive():
+    """The tracer behind the GPU breakdown logs: a tensor counts from its op until its last Python
+    reference dies; views do not count twice."""
+    mb = _script("memory_breakdown")
+    tracer = mb.LiveTensors()
+    with tracer:
+        a = torch.ones(1000)            # 4000 bytes
+        v = a.view(10, 100)             # a view: no new storage
+        b = a * 2                       # 4000 more
+        del b
+        c = torch.zeros(250)            # 1000
+    assert tracer.peak == 8000 and tracer.current == 5000
+    del a
+    assert tracer.current == 5000       # the view still holds a's storage
+    del v, c
+    assert tracer.current == 0
