@@ -158,3 +158,37 @@ def test_autograd_grad_returns_gradients_without_touching_dot_grad():
     got = torch.autograd.grad(W.loss_fn(model, x, target), params)
     assert all(p.grad is None for p in params), "torch.autograd.grad wrote .grad"
     assert_close_grads(dict(zip(names, got)), want, "torch.autograd.grad")
+
+
+def test_fsdp2_hooks_declared_harmless_keep_the_gradient_hand_off(tmp_path):
+    """fully_shard puts hooks on every block, which turns the in-place hand-off of stream gradients off
+    (two copies per block); inside trusted_hooks() (what DistributedReversibleTrainer does under
+    FSDP2) it stays on: only the run's last block copies. One process, gloo, file rendezvous."""
+    from torch.distributed.device_mesh import init_device_mesh
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch 2.5
+        from torch.distributed._composable.fsdp import fully_shard
+    from helpers import coupling
+    from revnet_zero import ReversibleSequence
+    from revnet_zero.engine import trusted_hooks
+    from test_engine import _count_clones
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        stack = ReversibleSequence([coupling("additive", 8) for _ in range(6)])
+        mesh = init_device_mesh("cpu", (1,))
+        for block in stack.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(stack, mesh=mesh)
+        x = torch.randn(2, 5, 8)
+
+        def step():
+            y1, y2 = stack(x)
+            (y1.sum() + 2 * y2.sum()).backward()
+
+        assert _count_clones(step) == 2 + 2 * 6
+        with trusted_hooks():
+            assert _count_clones(step) == 2 + 2
+    finally:
+        dist.destroy_process_group()

@@ -164,6 +164,14 @@ class DistributedReversibleTrainer(Trainer):
             fully_shard(block, **kwargs)
         return fully_shard(model, **kwargs)
 
+    def _forward_context(self):
+        if self.sharding_strategy == "ddp":
+            return super()._forward_context()
+        from ..engine import trusted_hooks
+        # fully_shard's per-block hooks unshard/reshard parameters and pass the stream gradients
+        # through unchanged: the engine may keep handing them from block to block in place
+        return trusted_hooks()
+
     def _sync(self, last_micro_batch: bool):
         if last_micro_batch or self.sharding_strategy != "ddp":
             return super()._sync(last_micro_batch)

@@ -147,6 +147,10 @@ class Trainer:
     def _sync(self, last_micro_batch: bool):
         return contextlib.nullcontext()
 
+    def _forward_context(self):
+        """Around each micro-batch's forward and backward (FSDP2: its module hooks are harmless)."""
+        return contextlib.nullcontext()
+
     def _mean_over_ranks(self, value: float) -> float:
         return value
 
@@ -326,7 +330,7 @@ class Trainer:
         accum, loss_sum, tokens = c.gradient_accumulation_steps, 0.0, 0
         for i in range(accum):
             ids, labels = self._to_device(next(stream))
-            with self._sync(i == accum - 1):
+            with self._sync(i == accum - 1), self._forward_context():
                 with self._autocast():
                     loss = self.model(ids, labels=labels).loss
                 self.scaler.scale(loss / accum).backward()
