@@ -34,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--offload-max-host-gib", type=float, default=64,
                    help="skip ac_offload rows that would pin more host memory than this")
     p.add_argument("--optimizer", action="store_true", help="include an AdamW step (and its state)")
+    p.add_argument("--optimizer-in-backward", action="store_true",
+                   help="include AdamW stepped per parameter during backward (OptimizerInBackward): the "
+                        "gradients are freed block by block")
     p.add_argument("--peer-max-len", type=int, default=32768, help="memcnn/revlib only up to this length")
     p.add_argument("--sdpa", default="auto", help="SDPA back end for every mode: auto (fastest measured), "
                    "default (PyTorch's choice), flash, cudnn, efficient, math")

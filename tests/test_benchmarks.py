@@ -241,3 +241,18 @@ def test_memory_breakdown_counts_what_is_alive():
     assert tracer.current == 5000       # the view still holds a's storage
     del v, c
     assert tracer.current == 0
+
+
+def test_suite_with_the_optimizer_stepped_in_backward(tiny):
+    """optimizer='adamw_in_backward' runs the step through OptimizerInBackward, labels the rows, and
+    leaves the model without hooks after (lr 0: the weights do not move)."""
+    before = [p.detach().clone() for p in tiny.parameters()]
+    rows = BenchmarkSuite(device="cpu", repeats=1, optimizer="adamw_in_backward").run(
+        {"m": tiny}, [16], 1, modes=["revnet_zero"])
+    assert [(r["status"], r["optimizer"]) for r in rows] == [("ok", "adamw_in_backward")]
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny.parameters()))
+    tiny(torch.randint(0, 256, (1, 16))).loss.backward()
+    assert all(p.grad is not None for p in tiny.parameters())   # hooks removed: .grad is kept again
+    tiny.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="optimizer must be"):
+        BenchmarkSuite(device="cpu", optimizer="sgd")

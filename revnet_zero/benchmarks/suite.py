@@ -41,7 +41,7 @@ class BenchmarkSuite:
     """
 
     def __init__(self, device: str | torch.device | None = None, amp_dtype="auto", repeats: int = 2,
-                 optimizer: bool = False, sdpa_backend: str | None = None, long_tokens: int = 262144,
+                 optimizer: bool | str = False, sdpa_backend: str | None = None, long_tokens: int = 262144,
                  long_warmup_tokens: int = 16384, peer_max_len: int = 32768, offload_max_host_gib: float | None = 64,
                  commit: str | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -51,6 +51,8 @@ class BenchmarkSuite:
             amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
+        if optimizer not in (False, True, "adamw", "adamw_in_backward"):
+            raise ValueError(f"optimizer must be False, True/'adamw' or 'adamw_in_backward', got {optimizer!r}")
         self.amp_dtype, self.repeats, self.optimizer = amp_dtype, repeats, optimizer
         self.sdpa_backend, self.peer_max_len = sdpa_backend, peer_max_len
         self.offload_max_host_gib = offload_max_host_gib
@@ -96,7 +98,12 @@ class BenchmarkSuite:
     def _run_model(self, name, spec, lengths, batches, modes, metrics, meter, on_row, deadline, previous):
         model = spec if isinstance(spec, nn.Module) else spec()
         model.to(self.device)
-        opt = torch.optim.AdamW(model.parameters(), lr=0.0) if self.optimizer else None  # lr 0: weights stay put
+        opt = in_backward = None   # lr 0: the weights stay put, the optimizer state is real
+        if self.optimizer == "adamw_in_backward":
+            from ..training.in_backward import OptimizerInBackward
+            in_backward = OptimizerInBackward(model.parameters(), torch.optim.AdamW, lr=0.0, foreach=False)
+        elif self.optimizer:
+            opt = torch.optim.AdamW(model.parameters(), lr=0.0)
         stopped = _stopped_modes(previous, name)
         done = {_key(r) for r in previous if r.get("status") in DONE}
         rows, history = [], [r for r in previous if r.get("model") == name]
@@ -111,7 +118,9 @@ class BenchmarkSuite:
                     stopped[mode] = (row["tokens"], f"{row['status']} at {seq_len}")
                 if on_row is not None:
                     on_row(row)
-        del model, opt
+        if in_backward is not None:
+            in_backward.remove()
+        del model, opt, in_backward
         free_memory(self.device)
         return rows
 
@@ -144,7 +153,8 @@ class BenchmarkSuite:
             "layers": getattr(cfg, "num_layers", None), "d_model": getattr(cfg, "d_model", None),
             "params": sum(p.numel() for p in model.parameters()),
             "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",
-            "optimizer": "adamw" if self.optimizer else None, "sdpa_backend": None,
+            "optimizer": (self.optimizer if isinstance(self.optimizer, str) else "adamw") if self.optimizer else None,
+            "sdpa_backend": None,
             "status": None, "error": None, "step_s": None, "tokens_per_s": None, "peak_gib": None,
             "static_gib": None, "energy_j_per_token": None, "energy_note": None,
             "note": PEER_NOTES.get(mode), **self.env,
