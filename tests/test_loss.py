@@ -2,7 +2,8 @@
 
 Tolerances (relative error of the whole tensor, ||a - b|| / ||b||):
 - float32: 1e-6. Both sides compute the same sums in a different order (per-chunk partial sums of the
-  loss, per-chunk GEMMs for the weight gradient): a few float32 roundings (6e-8 each) apart.
+  loss, per-chunk GEMMs for the weight gradient): a few float32 roundings (6e-8 each) apart. A loss
+  that is a near-cancellation (logsumexp - picked logit, confident rows) is held to 1e-6 of its terms.
 - bf16 autocast: 1e-5 on the loss, 1e-2 on the gradients (measured: 6e-8; 2e-6 for dh, 2.4e-3 for dW).
   The logits are the same bf16 GEMM on both sides and the softmax is float32 on both; the gradients
   go through bf16 GEMMs whose inputs (softmax - onehot) are rounded to bf16 (relative step 2^-8 =
@@ -129,5 +130,17 @@ def test_property_any_shape_and_chunking_matches_reference(n, v, chunk, seed):
     t[torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.3] = -100
     if (t == -100).all():
         t[0] = 0
-    for a, b in zip(fused(h, w, t, chunk), reference(h, w, t)):
-        assert rel(a, b) <= 1e-6
+    (loss, *grads), (ref_loss, *ref_grads) = fused(h, w, t, chunk), reference(h, w, t)
+    # A confident row cancels: its loss is logsumexp - picked logit and its gradient softmax - onehot,
+    # both small differences of O(1) terms. Both sides are then a few float32 ulps of those terms apart,
+    # which is large relative to the small result (found by hypothesis: n=1, v=2, loss 0.0128, rel 5e-6).
+    # So each result is held to 1e-6 of the magnitude of the terms it is summed from.
+    keep = t != -100
+    hd, wd = h.detach().double(), w.detach().double()
+    logits = hd @ wd.t()
+    g = (torch.softmax(logits, -1) + F.one_hot(t.clamp(min=0), w.shape[0])) * keep[:, None] / keep.sum()
+    loss_scale = (torch.logsumexp(logits, -1).abs() + logits.gather(1, t.clamp(min=0)[:, None])[:, 0].abs())
+    loss_scale = loss_scale[keep].mean()
+    assert abs(loss.double() - ref_loss.double()) <= 1e-6 * loss_scale
+    for a, b, scale in zip(grads, ref_grads, (g @ wd.abs(), g.t() @ hd.abs())):
+        assert (a.double() - b.double()).norm() <= 1e-6 * scale.norm()
