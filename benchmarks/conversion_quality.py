@@ -6,6 +6,8 @@ library's source, then fine-tunes copies of it on the other half: ordinarily, an
 every variant is exactly the plain model. Writes a markdown table, a JSON and a plot.
 
     python benchmarks/conversion_quality.py --out benchmarks/results
+    python3 benchmarks/conversion_quality.py --device cuda --bf16 --layers 12 --d-model 768 --heads 12 \
+        --seq-len 1024 --batch 8 --pretrain-steps 2000 --finetune-steps 500 --commit C --out $OUT   # GPU
 """
 from __future__ import annotations
 
@@ -22,20 +24,30 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from revnet_zero import convert_to_reversible  # noqa: E402
+from revnet_zero.benchmarks.measure import gpu_slug  # noqa: E402
 from revnet_zero.data import ByteTokenizer, PackedDataset  # noqa: E402
 from revnet_zero.demo import stdlib_sources  # noqa: E402
+
+
+DEVICE = torch.device("cpu")
+AMP = None   # autocast dtype for training and eval (--bf16 on CUDA)
 
 
 def batches(data: PackedDataset, batch: int, steps: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        yield torch.stack([data[int(i)] for i in torch.randint(len(data), (batch,), generator=g)])
+        yield torch.stack([data[int(i)] for i in torch.randint(len(data), (batch,), generator=g)]).to(DEVICE)
+
+
+def autocast():
+    return torch.autocast(DEVICE.type, dtype=AMP or torch.float32, enabled=AMP is not None)
 
 
 @torch.no_grad()
 def eval_loss(model, data: PackedDataset, batch: int = 16, n: int = 8) -> float:
     model.eval()
-    losses = [model(input_ids=x, labels=x).loss.item() for x in batches(data, batch, n, seed=123)]
+    with autocast():
+        losses = [model(input_ids=x, labels=x).loss.item() for x in batches(data, batch, n, seed=123)]
     model.train()
     return sum(losses) / len(losses)
 
@@ -45,7 +57,9 @@ def train(model, data, eval_data, steps, lr, batch, seed, every):
     curve = [(0, eval_loss(model, eval_data))]
     t0 = time.perf_counter()
     for step, x in enumerate(batches(data, batch, steps, seed), start=1):
-        model(input_ids=x, labels=x).loss.backward()
+        with autocast():
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % every == 0:
@@ -60,18 +74,28 @@ def main():
     ap.add_argument("--finetune-steps", type=int, default=200)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--max-chars", type=int, default=3_000_000, help="stdlib source characters to use")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    ap.add_argument("--commit", default=None, help="commit to record (the GPU machine's copy has no .git)")
     a = ap.parse_args()
+    global DEVICE, AMP
+    DEVICE, AMP = torch.device(a.device), (torch.bfloat16 if a.bf16 else None)
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    if DEVICE.type == "cpu":
+        torch.set_num_threads(2)
     tok = ByteTokenizer()
-    texts = stdlib_sources(max_chars=3_000_000, seed=0).texts
+    texts = stdlib_sources(max_chars=a.max_chars, seed=0).texts
     half = len(texts) // 2
     pre = PackedDataset.from_texts(texts[:half], tok, a.seq_len)
     fine, fine_eval = PackedDataset.from_texts(texts[half:], tok, a.seq_len).split(0.05)
-    cfg = GPT2Config(vocab_size=tok.vocab_size, n_positions=a.seq_len, n_embd=128, n_layer=4, n_head=4,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    base = GPT2LMHeadModel(cfg)
+    cfg = GPT2Config(vocab_size=tok.vocab_size, n_positions=a.seq_len, n_embd=a.d_model, n_layer=a.layers,
+                     n_head=a.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    base = GPT2LMHeadModel(cfg).to(DEVICE)
     pre_curve, pre_s = train(base, pre, fine_eval, a.pretrain_steps, 1e-3, a.batch, seed=1, every=100)
     print(f"pre-trained {a.pretrain_steps} steps in {pre_s:.0f} s: held-out loss on the fine-tuning corpus "
           f"{pre_curve[-1][1]:.3f}", flush=True)
@@ -90,13 +114,17 @@ def main():
 def write(a, runs, pre_curve, cfg):
     os.makedirs(a.out, exist_ok=True)
     date = datetime.date.today().isoformat()
-    stem = os.path.join(a.out, f"conversion_quality_cpu_{date}")
+    where = "cpu" if DEVICE.type == "cpu" else gpu_slug(torch.cuda.get_device_name(DEVICE))
+    stem = os.path.join(a.out, f"conversion_quality_{where}_{date}")
+    commit = a.commit
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    meta = {"device": "cpu (2 threads)", "torch": torch.__version__, "commit": commit, "date": date,
+    device = "cpu (2 threads)" if DEVICE.type == "cpu" else torch.cuda.get_device_name(DEVICE)
+    meta = {"device": device, "amp": str(AMP).replace("torch.", "") if AMP else "fp32",
+            "torch": torch.__version__, "commit": commit, "date": date,
             "model": f"GPT2LMHeadModel n_layer={cfg.n_layer} n_embd={cfg.n_embd} n_head={cfg.n_head} "
                      f"vocab={cfg.vocab_size} (bytes)", "seq_len": a.seq_len, "batch": a.batch,
             "pretrain_steps": a.pretrain_steps, "finetune_steps": a.finetune_steps}
