@@ -387,13 +387,13 @@ class ReversibleSequence(nn.Module):
             x1, x2 = x1.to(self.stream_dtype), x2.to(self.stream_dtype)
         tape, n = _Tape(), len(self.blocks)
         recompute = [b.policy != "store" for b in self.blocks]
-        hooked = [_hooked(b) for b in self.blocks]
+        hooked, global_hooks = [_hooked(b) for b in self.blocks], _global_hooks()
         for i, block in enumerate(self.blocks):
             run_ends = i == n - 1 or not recompute[i + 1]
             run_starts = i == 0 or not recompute[i - 1]
             # No hook can see the streams between block i-1 and block i: block i's input gradients
             # may be handed to block i-1 to update in place.
-            private_in = not run_starts and not (hooked[i] or hooked[i - 1] or _global_hooks())
+            private_in = not run_starts and not (hooked[i] or hooked[i - 1] or global_hooks)
             x1, x2 = block(x1, x2, _tape=(tape, i, run_ends, run_starts, private_in), **kwargs)
         return x1, x2
 
