@@ -8,11 +8,11 @@ autograd differentiates the formula at the grid values, as the reversible backwa
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .bdia import draw_signs, gammas, residual_update
+from .bdia import BDIALayer, draw_signs, gammas, residual_update
 from .grid import GRID_BITS
-from .wrapping import WrappedLayer, _Stack, layer_arguments
+from .wrapping import layer_arguments
 
 _SCALE = 2.0 ** GRID_BITS
 
@@ -27,10 +27,8 @@ def _q(x: Tensor) -> Tensor:
     return torch.round(x * _SCALE) / _SCALE
 
 
-class BDIAReferenceLayer(WrappedLayer):
-    def __init__(self, layer: nn.Module, index: int, stack: _Stack, starts: bool, ends: bool, m: int):
-        super().__init__(index, stack, starts, ends)
-        self.layer, self.m = layer, m
+class BDIAReferenceLayer(BDIALayer):
+    """``BDIALayer``'s training forward under plain autograd (see the module docstring)."""
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):
         if not (self.training and torch.is_grad_enabled()):
