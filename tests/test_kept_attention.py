@@ -97,3 +97,25 @@ def test_recompute_does_not_rerun_attention(monkeypatch):
     y1, y2 = stack(x)
     (y1 + y2).sum().backward()
     assert calls == ["sdpa"] * 6  # full recompute: attention once in forward, once in backward
+
+
+def test_kernels_take_the_projections_layout_without_copies(monkeypatch):
+    """q, k, v reach the attention kernel as [B, S, H, hd]-laid views of the projections' outputs
+    (no transposing copy of v, none of the output or of its gradient), forward and backward."""
+    import revnet_zero.ops.kept_attention as ka
+    from revnet_zero.layers import ReversibleAttention
+    seen = []
+    real = ka._forward
+    monkeypatch.setattr(ka, "_forward", lambda q, k, v, *a: seen.append((q, k, v)) or real(q, k, v, *a))
+    layer = ReversibleAttention(d_model=32, num_heads=4, policy="store_attention")
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    y1, y2 = layer(x)
+    (q, k, v), = seen
+    for t in (q, k, v):
+        assert t.shape == (2, 4, 9, 8) and t.transpose(1, 2).is_contiguous(), t.stride()
+    assert v._base is not None and v._base.shape == (2, 9, 32)  # the wv projection's own output, viewed
+    (y1 * y2).sum().backward()
+    # a [B, H, S, hd]-contiguous tensor is re-laid once, values unchanged
+    t = torch.randn(2, 4, 9, 8)
+    assert ka.bshd(t).transpose(1, 2).is_contiguous() and torch.equal(ka.bshd(t), t)
+    assert ka.bshd(q) is q

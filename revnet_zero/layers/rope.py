@@ -39,8 +39,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate ``x`` ``[B, H, S, head_dim]`` by the angles of ``cos``/``sin`` ``[S, head_dim / 2]``.
 
     Computed in ``x``'s dtype (as Hugging Face Llama does, each product accumulated in float32), so
-    no float32 copy of q and k is made. The result is contiguous ``[B, H, S, head_dim]`` (the layout
-    the attention kernels take). The rotation is linear, so autograd keeps only ``cos``/``sin``:
+    no float32 copy of q and k is made. The result has ``x``'s layout (for a projection's output,
+    ``[B, S, H, head_dim]`` in memory, which the attention kernels take natively). The rotation is linear, so autograd keeps only ``cos``/``sin``:
     backward rotates the gradient back, and ``x`` (a projection's output) is freed after forward.
     """
     if not torch.is_grad_enabled() or not x.requires_grad:
@@ -51,7 +51,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor | None = None) -> Tensor:
     """``[a, b] -> [a cos - b sin, b cos + a sin]`` along the last dim (``sin`` negated: the inverse)."""
     a, b = x.chunk(2, dim=-1)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    out = torch.empty_like(x) if out is None else out   # keeps x's layout (see apply_rope)
     lo, hi = out.chunk(2, dim=-1)
     torch.mul(a, cos, out=lo).addcmul_(b, sin, value=-1)
     torch.mul(b, cos, out=hi).addcmul_(a, sin)

@@ -139,10 +139,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, dropout_p: float
         raise ValueError(f"kept attention (store_attention/offload_attention) needs attention dropout 0, "
                          f"got {dropout_p}; use the 'recompute' policy with attention dropout")
     if gqa:  # the kernels below take equal head counts; autograd sums dk, dv over each group
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        g = q.shape[1] // k.shape[1]
+        k, v = (t.transpose(1, 2).repeat_interleave(g, dim=2).transpose(1, 2) for t in (k, v))
     # one fixed layout for every kernel call, forward and backward
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = bshd(q), bshd(k), bshd(v)
     if store.recording:
         out, lse, meta = _forward(q, k, v, is_causal, scale)
         if store.keep:
@@ -153,6 +153,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, dropout_p: float
     else:
         out, lse, meta = _forward(q.detach(), k.detach(), v.detach(), is_causal, scale)
     return _KeptAttention.apply(q, k, v, out, lse, meta, is_causal, scale)
+
+
+def bshd(t: Tensor) -> Tensor:
+    """``t`` ``[B, H, S, hd]`` laid out as ``[B, S, H, hd]`` in memory (a copy only when it is not).
+
+    The projections write this layout, the SDPA kernels take it natively (cuDNN, flash and
+    efficient on CUDA, flash on CPU) and write their output and gradients in it, so q, k, v, the
+    output and its gradient pass between projections and kernel with no transposing copy (a
+    ``[B, H, S, hd]``-contiguous layout costs one copy of v, of the output and of its gradient).
+    """
+    return t if t.transpose(1, 2).is_contiguous() else t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _backend(q: Tensor) -> str:
