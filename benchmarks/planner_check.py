@@ -45,13 +45,14 @@ def main(argv=None) -> None:
     p.add_argument("--sdpa", default="cudnn")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--topic", default="planner", help="file name prefix")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of the code path (no peaks)")
     a = p.parse_args(argv)
     # as benchmarks/run.py: without expandable segments, full AC at 256k fails on fragmentation
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     dev = torch.device(a.device)
     env = environment(dev, a.commit)
-    stem = os.path.join(a.out, f"planner_{gpu_slug(env['gpu'])}_{env['date']}")
+    stem = os.path.join(a.out, f"{a.topic}_{gpu_slug(env['gpu'])}_{env['date']}")
     os.makedirs(a.out, exist_ok=True)
     rows = []
     with sdpa_context(a.sdpa if dev.type == "cuda" else None):
@@ -144,7 +145,7 @@ def write(stem: str, rows: list[dict], env: dict) -> None:
         lines.append(f"| {r['seq']} | {r['budget']} | {r['budget_gib']:.2f} | {mix} | {_f(r['first_error_gib'], '+.2f')} | "
                      f"{_f(r['predicted_peak_gib'])} | "
                      f"{_f(r['measured_peak_gib'])} | {_f(r.get('peak_error'), '+.1%')} | {r['within_budget']} | "
-                     f"{_f(r['step_s'], '.3f')} | {_f(vs_ac, '.2f', 'x')} | {_f(vs_std, '.2f', 'x')} |")
+                     f"{_f(r['step_s'], '.3f')} | {_f(vs_ac, '.3f', 'x')} | {_f(vs_std, '.3f', 'x')} |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
