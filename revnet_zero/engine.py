@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.autograd.graph import get_gradient_edge
 
 from .layers.coupling_layers import BaseCoupling, StepCoupling, seq_tiles
 from .ops.kept_attention import AttentionStore, using_store
@@ -172,6 +173,21 @@ class _ReversibleFunction(torch.autograd.Function):
         return (None, None, None, dx1, dx2, *pgrads)
 
 
+class _GradAs(torch.autograd.Function):
+    """A root standing in for ``h`` with dtype ``dtype`` and no memory of its own (an expanded
+    scalar); its backward casts the gradient to ``h``'s dtype, so the cast is an ordinary
+    intermediate that autograd frees once ``h``'s graph has used it."""
+
+    @staticmethod
+    def forward(ctx, h, dtype):
+        ctx.dtype = h.dtype
+        return h.new_zeros((), dtype=dtype).expand(h.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(ctx.dtype), None
+
+
 def _accumulate(grads: dict, leaves: list[Tensor], gs) -> None:
     for leaf, g in zip(leaves, gs):
         if g is not None:
@@ -208,7 +224,14 @@ def _reverse_steps(ctx, d: list[Tensor], d_owned: list[bool], alias: dict):
                     if dx is not dy:
                         _writable(d, d_owned, dst)
                         d[dst][t].copy_(dx)
-                gs = torch.autograd.grad(h, [xin, *leaves], dh.to(h.dtype), allow_unused=True)
+                # h is needed no more (the stream is rebuilt): autograd gets a graph edge only, so h
+                # is freed now unless the graph saved it. dh is cast to h's dtype inside the graph:
+                # autograd holds a root gradient until the whole grad call returns, a cast made
+                # there or here would stay alive through the sub-function's backward.
+                with torch.enable_grad():
+                    edge = get_gradient_edge(_GradAs.apply(h, dh.dtype) if h.dtype != dh.dtype else h)
+                del h, hd
+                gs = torch.autograd.grad(edge, [xin, *leaves], dh, allow_unused=True)
                 if gs[0] is not None:
                     d[src][t].add_(gs[0])
                 _accumulate(grads, leaves, gs[1:])
