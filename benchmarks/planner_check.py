@@ -47,7 +47,13 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--topic", default="planner", help="file name prefix")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of the code path (no peaks)")
+    p.add_argument("--replot", default="", help="comma list of result .json files: write one plot of "
+                   "their rows to --out/<topic>.png and exit (no GPU)")
     a = p.parse_args(argv)
+    if a.replot:
+        rows = [r for f in a.replot.split(",") for r in json.load(open(f))]
+        print(plot(rows, os.path.join(a.out, f"{a.topic}.png")))
+        return
     # as benchmarks/run.py: without expandable segments, full AC at 256k fails on fragmentation
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     dev = torch.device(a.device)
@@ -116,6 +122,7 @@ def main(argv=None) -> None:
                 print(json.dumps({k: v for k, v in row.items() if k not in env}), flush=True)
                 print(pl.explain().splitlines()[-1], flush=True)
                 write(stem, rows, env)
+                plot(rows, stem + ".png")
             del model
             free_memory(dev)
     write(stem, rows, env)
@@ -148,6 +155,37 @@ def write(stem: str, rows: list[dict], env: dict) -> None:
                      f"{_f(r['step_s'], '.3f')} | {_f(vs_ac, '.3f', 'x')} | {_f(vs_std, '.3f', 'x')} |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict], path: str) -> str:
+    """Per row (length / budget): budget, predicted and measured peak; step speed against full AC."""
+    from revnet_zero.benchmarks.report import _matplotlib
+    Figure, FigureCanvasAgg = _matplotlib()
+    rows = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: (r["seq"], r["budget_gib"]))
+    labels = [f"{r['seq'] // 1024}k\n{r['budget']}\n{r.get('commit') or ''}" for r in rows]
+    x = range(len(rows))
+    fig = Figure(figsize=(max(8, 0.9 * len(rows) + 2), 7))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(2, 1, 1)
+    w = 0.27
+    ax.bar([i - w for i in x], [r["budget_gib"] for r in rows], w, label="budget", color="0.75")
+    ax.bar(list(x), [r["predicted_peak_gib"] for r in rows], w, label="predicted peak")
+    ax.bar([i + w for i in x], [r["measured_peak_gib"] for r in rows], w, label="measured peak")
+    ax.set_yscale("log")
+    ax.set_ylabel("GiB")
+    ax.set_xticks(list(x), labels, fontsize=8)
+    ax.legend(fontsize=8)
+    ax.set_title(f"planner on {rows[0]['gpu'] if rows else '?'}: peaks (budget 'roomy' = free memory)")
+    ax = fig.add_subplot(2, 1, 2)
+    ax.bar(list(x), [r["full_ac_s"] / r["step_s"] for r in rows], 0.5, label="plan's tokens/s / full AC's")
+    ax.axhline(1.0, color="0.4", lw=0.8)
+    ax.axhline(1.15, color="tab:red", lw=0.8, ls="--", label="1.15x")
+    ax.set_xticks(list(x), labels, fontsize=8)
+    ax.set_ylabel("x full AC")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
 
 
 def _f(v, spec: str = ".2f", unit: str = "") -> str:
