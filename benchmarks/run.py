@@ -28,6 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "'revnet_zero:<policy>'); 'all' = every mode and engine policy; empty = no sweep")
     p.add_argument("--lengths", default="8192,16384,32768", help="comma list of sequence lengths")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--ffn-chunk", type=int, default=None, help="positions per FFN tile (default: the preset's)")
     p.add_argument("--repeats", type=int, default=2, help="timed steps below --long-tokens (median)")
     p.add_argument("--long-tokens", type=int, default=262144, help="from here: one timed step")
     p.add_argument("--long-warmup-tokens", type=int, default=16384, help="warm-up length for those long rows")

@@ -26,12 +26,14 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def build_model(config: str, layers: int | None, max_len: int, device: torch.device):
+def build_model(config: str, layers: int | None, max_len: int, device: torch.device, ffn_chunk: int | None = None):
     """The preset ``config`` at ``layers`` deep, accepting ``max_len`` tokens, built on ``device``
-    from seed 0 (the same weights in every call)."""
+    from seed 0 (the same weights in every call); ``ffn_chunk`` replaces the preset's FFN tile."""
     from revnet_zero.models import ReversibleGPT, TransformerConfig
     cfg = TransformerConfig.preset(config)
     cfg = dataclasses.replace(cfg, num_layers=layers or cfg.num_layers, max_seq_len=max(cfg.max_seq_len, max_len))
+    if ffn_chunk:
+        cfg = dataclasses.replace(cfg, ffn_chunk_size=ffn_chunk)
     torch.manual_seed(0)
     with torch.device(device):
         return ReversibleGPT(cfg)
@@ -110,11 +112,11 @@ def check_grads(run: Run, sdpa: str | None, layers: int | None) -> None:
     for m in modes:
         check_mode(m)
     amp = torch.bfloat16 if run.device.type == "cuda" else None
-    model = build_model(args.config, layers, seq_len, run.device)
+    model = build_model(args.config, layers, seq_len, run.device, args.ffn_chunk)
     ids = random_ids(model.config.vocab_size, args.batch, seq_len, run.device)
     with sdpa_context(sdpa):
         rows = compare_grads(model, ids, amp, modes)
-    name = f"{args.config}-L{model.config.num_layers}"
+    name = f"{args.config}-L{model.config.num_layers}{_tile(args)}"
     for r in rows:
         print(f"grads {r['mode']:14s} {seq_len}: {r['status']} max {r.get('max_rel_err')} "
               f"median {r.get('median_rel_err')} (floor {r['floor_max']:.2e})", flush=True)
@@ -127,8 +129,8 @@ def sweep(run: Run, suite: BenchmarkSuite, layers_list: list) -> None:
     args = run.args
     modes = all_modes() if args.modes == "all" else _names(args.modes)
     lengths = _ints(args.lengths)
-    models = {f"{args.config}-L{_depth(args.config, L)}":
-              (lambda L=L: build_model(args.config, L, max(lengths), run.device)) for L in layers_list}
+    models = {f"{args.config}-L{_depth(args.config, L)}{_tile(args)}":
+              (lambda L=L: build_model(args.config, L, max(lengths), run.device, args.ffn_chunk)) for L in layers_list}
 
     def on_row(row):
         print(f"{row['model']} {row['mode']:14s} {row['seq_len']:>8d}: {row['status']:7s} "
@@ -144,8 +146,8 @@ def sweep(run: Run, suite: BenchmarkSuite, layers_list: list) -> None:
 def max_context(run: Run, suite: BenchmarkSuite, layers: int | None) -> None:
     args = run.args
     modes = _names(args.max_context)
-    model = build_model(args.config, layers, args.max_context_limit, run.device)
-    name = f"{args.config}-L{model.config.num_layers}"
+    model = build_model(args.config, layers, args.max_context_limit, run.device, args.ffn_chunk)
+    name = f"{args.config}-L{model.config.num_layers}{_tile(args)}"
     for i, mode in enumerate(modes):
         share = run.seconds_left() / (len(modes) - i)
         res = suite.max_context(model, mode, args.max_context_start, args.max_context_limit,
@@ -153,6 +155,11 @@ def max_context(run: Run, suite: BenchmarkSuite, layers: int | None) -> None:
                                 on_try=lambda t, m=mode: print(f"maxctx {m} {t['seq_len']}: {t['status']} "
                                                                f"{t['seconds']:.1f} s", flush=True))
         run.add("maxctx", [{"model": name, **res}])
+
+
+def _tile(args) -> str:
+    """Model-name suffix when the FFN tile is not the preset's."""
+    return f"-ffn{args.ffn_chunk}" if getattr(args, "ffn_chunk", None) else ""
 
 
 def _depth(config: str, layers: int | None) -> int:
