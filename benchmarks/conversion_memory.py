@@ -54,7 +54,8 @@ class LossOf(nn.Module):
         return fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), base.lm_head.weight, targets.reshape(-1))
 
 
-def build(shape: str, layers: int, seq: int, mode: str, gamma0: float, device: torch.device) -> nn.Module:
+def build(shape: str, layers: int, seq: int, mode: str, gamma0: float, device: torch.device,
+          mlp_chunk: int | None = None) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(**SHAPES[shape], num_hidden_layers=layers, max_position_embeddings=max(seq, 8192),
                       attn_implementation="sdpa")
@@ -66,7 +67,7 @@ def build(shape: str, layers: int, seq: int, mode: str, gamma0: float, device: t
     if mode == "hf_ac":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif mode == "bdia":
-        model = convert_to_reversible(model, gamma0=gamma0, inplace=True, verbose=False)
+        model = convert_to_reversible(model, gamma0=gamma0, inplace=True, verbose=False, mlp_chunk_size=mlp_chunk)
     if shape == "8b":
         import peft
         lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -87,6 +88,7 @@ def main(argv=None) -> None:
     p.add_argument("--depths", default="", help="two depths at --slope-seq for the kept bytes per layer")
     p.add_argument("--slope-seq", type=int, default=32768)
     p.add_argument("--gamma0", type=float, default=0.125)
+    p.add_argument("--mlp-chunk", type=int, default=None, help="bdia: positions per MLP tile (mlp_chunk_size)")
     p.add_argument("--sdpa", default="cudnn")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default="benchmarks/results")
@@ -106,7 +108,7 @@ def main(argv=None) -> None:
                              "error": "out of memory at a shorter length"})
                 continue
             try:
-                model = build(a.shape, layers, seq, mode, a.gamma0, dev)
+                model = build(a.shape, layers, seq, mode, a.gamma0, dev, a.mlp_chunk)
             except Exception as e:  # noqa: BLE001 - recorded in the row
                 rows.append({**env, "mode": mode, "seq": seq, "layers": layers, "status": "error",
                              "error": f"{type(e).__name__}: {e}"[:300]})
@@ -119,7 +121,8 @@ def main(argv=None) -> None:
             row = {**env, "mode": mode, "shape": a.shape, "seq": seq, "layers": layers, "status": r.status,
                    "step_s": r.step_s, "tokens_per_s": seq / r.step_s if r.step_s else None,
                    "peak_gib": r.peak_gib, "static_gib": r.static_gib, "error": r.error,
-                   "gamma0": a.gamma0 if mode == "bdia" else None}
+                   "gamma0": a.gamma0 if mode == "bdia" else None,
+                   "mlp_chunk": a.mlp_chunk if mode == "bdia" else None}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in env}), flush=True)
             if r.status == "oom":
@@ -136,7 +139,8 @@ def write(stem: str, rows: list[dict], env: dict, a) -> None:
     ok = {(r["mode"], r["seq"], r["layers"]): r for r in rows if r["status"] == "ok"}
     lines = [f"# Converted Llama ({a.shape}) fine-tuning: ordinary vs HF checkpointing vs BDIA", "",
              f"GPU {env['gpu']}, torch {env['torch']}, commit {env['commit']}, {env['date']}; bf16 autocast, "
-             f"batch 1, fused head+loss in every mode, BDIA gamma0 = {a.gamma0}. Step: median of 2 below 128k "
+             f"batch 1, fused head+loss in every mode, BDIA gamma0 = {a.gamma0}, BDIA MLP tile "
+             f"{a.mlp_chunk or 'none'} positions. Step: median of 2 below 128k "
              "tokens, one step from 128k.", "",
              "| mode | layers | seq | step s | tokens/s | vs hf_ac | peak GiB | static GiB | status |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -453,3 +453,89 @@ def test_misuse_in_training_is_refused():
         converted.eval()(input_ids=ids(1, 3), past_key_values=cache, use_cache=True)
     with pytest.raises(ValueError, match=r"non-empty KV cache \(3 tokens\)"):
         converted.train()(input_ids=ids(1, 2), past_key_values=cache, use_cache=True)
+
+
+# ---------------------------------------------------------------- MLPs in sequence tiles
+
+@pytest.mark.parametrize("name", ["GPT2LMHeadModel", "LlamaForCausalLM"])
+def test_tiled_mlp_equals_untiled(name):
+    """mlp_chunk_size=7 on 19 positions (tiles 7, 7, 5): the same loss and gradients up to fp32
+    rounding (the weight gradients are sums of per-tile products, not one product); dropout off,
+    since tiles draw their masks tile by tile."""
+    torch.manual_seed(0)
+    original = (GPT2LMHeadModel(gpt2_config(dropout=0.0)) if name.startswith("GPT2")
+                else LlamaForCausalLM(llama_config(dropout=0.0)))
+    plain = convert_to_reversible(original, gamma0=1 / 8, verbose=False)
+    tiled = convert_to_reversible(original, gamma0=1 / 8, verbose=False, mlp_chunk_size=7)
+    assert "tiles of 7 positions" in str(tiled.reversible_report)
+    loss, grads = train_step(plain, ids())
+    t_loss, t_grads = train_step(tiled, ids())
+    assert rel_err(t_loss, loss) <= 1e-6
+    assert grads.keys() == t_grads.keys()
+    worst = max(rel_err(t_grads[n], grads[n]) for n in grads)
+    assert worst <= 1e-5, worst   # fp32 sums over 3 tiles vs one: a few ulps on each weight gradient
+    # eval is untouched: the original model's outputs, bitwise
+    tiled.eval()
+    original.eval()
+    with torch.no_grad():
+        assert torch.equal(main_output(tiled(input_ids=ids())), main_output(original(input_ids=ids())))
+
+
+@pytest.mark.parametrize("name", ["GPT2LMHeadModel", "LlamaForCausalLM"])
+def test_tiled_bdia_equals_its_reference(name):
+    """BDIA stays exact with tiled MLPs, dropout on (each tile's mask is redrawn in backward): the
+    loss bitwise and the gradients to 1e-6 against plain autograd of the same tiled forward."""
+    torch.manual_seed(0)
+    original = BUILDERS[name]()
+    converted = convert_to_reversible(original, gamma0=1 / 4, verbose=False, mlp_chunk_size=8)
+    reference = bdia_reference(original, gamma0=1 / 4, mlp_chunk_size=8)
+    loss, grads = train_step(converted, ids())
+    ref_loss, ref_grads = train_step(reference, ids())
+    assert torch.equal(loss, ref_loss)
+    assert max(rel_err(grads[n], ref_grads[n]) for n in grads) <= 1e-6
+
+
+def test_tiled_mlp_keeps_only_its_input():
+    """What autograd keeps for a tiled MLP is its input (and the weights it already holds): no
+    [S, intermediate] tensor, which untiled is kept several times over."""
+    from revnet_zero.conversion.tiling import tile_mlp, untile_mlp
+    torch.manual_seed(0)
+    mlp = LlamaForCausalLM(llama_config(layers=1)).model.layers[0].mlp.train()
+    x = torch.randn(1, 64, 64, requires_grad=True)
+    plain, y = saved_bytes(lambda: mlp(x))
+    g_plain = torch.autograd.grad(y.square().sum(), [x, *mlp.parameters()])
+    tile_mlp(mlp, 16)
+    tiled, y = saved_bytes(lambda: mlp(x))
+    g_tiled = torch.autograd.grad(y.square().sum(), [x, *mlp.parameters()])
+    weights = sum(p.numel() * 4 for p in mlp.parameters())
+    assert tiled == x.numel() * 4 + weights                 # x and the weights (which the model holds anyway)
+    assert plain >= 3 * 64 * 96 * 4 + x.numel() * 4         # gate, up, act(gate) at least
+    assert max(rel_err(a, b) for a, b in zip(g_tiled, g_plain)) <= 1e-6
+    untile_mlp(mlp)
+    assert "forward" not in mlp.__dict__
+
+
+def test_tiled_lora_trains_only_adapters():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    original = LlamaForCausalLM(llama_config(dropout=0.0))
+    config = dict(r=4, target_modules=["gate_proj", "up_proj", "down_proj"], lora_dropout=0.0,
+                  init_lora_weights=False)
+    models = {}
+    for chunk in (None, 6):
+        torch.manual_seed(1)
+        models[chunk] = peft.get_peft_model(convert_to_reversible(original, verbose=False, mlp_chunk_size=chunk),
+                                            peft.LoraConfig(**config))
+    loss, grads = train_step(models[None], ids())
+    t_loss, t_grads = train_step(models[6], ids())
+    assert grads and all("lora_" in n for n in t_grads) and grads.keys() == t_grads.keys()
+    assert rel_err(t_loss, loss) <= 1e-6
+    assert max(rel_err(t_grads[n], grads[n]) for n in grads) <= 1e-5   # as test_tiled_mlp_equals_untiled
+    back = convert_from_reversible(models[6].base_model.model)
+    assert not any("forward" in m.__dict__ for m in back.modules())
+
+
+def test_bad_mlp_chunk_size_is_refused():
+    for bad in (0, -4, 2.5, True, "8"):
+        with pytest.raises(ValueError, match=f"mlp_chunk_size must be .* got {bad!r}"):
+            convert_to_reversible(LlamaForCausalLM(llama_config()), verbose=False, mlp_chunk_size=bad)

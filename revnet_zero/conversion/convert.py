@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .bdia import BDIALayer
 from .grid import gamma_bits
 from .reference import BDIAReferenceLayer
+from .tiling import tile_mlp, untile_mlp
 from .two_stream import TwoStreamLayer
 from .wrapping import CheckpointedLayer, WrappedLayer, _Stack
 
@@ -33,6 +34,7 @@ class ConversionReport:
     compared: str = ""         # which output the gap is measured on, and the probe's shape
     gap_max_abs: float = float("nan")  # max |converted - original|
     gap_rel: float = float("nan")      # ||converted - original|| / ||original||
+    mlp_chunk: int | None = None       # positions per MLP tile in training (None: untiled)
 
     def __str__(self) -> str:
         lines = [f"convert_to_reversible: {self.model}, coupling={self.coupling!r} ({self.setting}), "
@@ -43,6 +45,8 @@ class ConversionReport:
             lines += [f"    layer {i} ({name}): {why}" for i, name, why in self.checkpointed]
         else:
             lines.append("  activation checkpointing: none")
+        if self.mlp_chunk:
+            lines.append(f"  MLPs of the reversible layers run in tiles of {self.mlp_chunk} positions in training")
         lines.append(f"  conversion gap on {self.compared}: max |diff| {self.gap_max_abs:.3g}, "
                      f"relative {self.gap_rel:.3g}")
         return "\n".join(lines)
@@ -137,7 +141,8 @@ def _default_probe(model: nn.Module) -> Tensor:
 
 def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_segments: int | None = None, *,
                           gamma0: float = 0.5, scale: float = 0.5, probe: Tensor | None = None,
-                          inplace: bool = False, verbose: bool = True) -> nn.Module:
+                          inplace: bool = False, verbose: bool = True,
+                          mlp_chunk_size: int | None = None) -> nn.Module:
     """A Hugging Face decoder model whose training keeps no per-layer activations.
 
     Supported: GPT2Model, GPT2LMHeadModel, LlamaModel, LlamaForCausalLM and models whose decoder
@@ -155,6 +160,11 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
     ``checkpoint_segments``: layers that cannot be made reversible (not a recognised pre-norm
     residual layer) run under activation checkpointing, one segment each (it keeps the layer's
     input); this is the most such layers allowed (``None``: no limit; ``0``: all must be reversible).
+
+    ``mlp_chunk_size``: positions per MLP tile in training (``None``: untiled). At long context the
+    MLP's intermediates are the layer's largest tensors (Llama-3-8B: three ``[S, 14336]``); tiled,
+    only one tile of them exists at a time, for one more MLP forward per layer in backward
+    (``revnet_zero.conversion.tiling``). Eval and ``torch.no_grad()`` are unaffected.
 
     The gap is measured in eval on ``probe`` (default: 32 random tokens) against the unconverted
     model; the report is printed (``verbose``) and kept as ``model.reversible_report``.
@@ -174,6 +184,10 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
                                             or not isinstance(checkpoint_segments, int) or checkpoint_segments < 0):
         raise ValueError(f"checkpoint_segments must be None or an int >= 0, got {checkpoint_segments!r}")
     m = gamma_bits(gamma0)
+    if mlp_chunk_size is not None and (isinstance(mlp_chunk_size, bool) or not isinstance(mlp_chunk_size, int)
+                                       or mlp_chunk_size < 1):
+        raise ValueError(f"mlp_chunk_size must be None or a positive int (positions per MLP tile), "
+                         f"got {mlp_chunk_size!r}")
     if coupling == "affine" and not 0 < scale < 1:
         raise ValueError(f"scale (the affine coupling's constant λ) must be in (0, 1), got {scale!r}")
     lam = 1.0 if coupling == "additive" else scale
@@ -192,26 +206,41 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
             return TwoStreamLayer(layer, i, stack, starts, ends, dst=pos % 2, scale=lam)
         setting = f"scale={lam:g}"
     reversible, fallback = _wrap(model, make, checkpoint_segments)
+    if mlp_chunk_size is not None:
+        _tile_mlps(model, reversible, mlp_chunk_size)
     out, _ = _probe_output(model, probe)
     diff = (out.double() - reference.double())
     report = ConversionReport(type(model).__name__, coupling, setting, reversible, fallback,
                               compared=f"{compared}, probe {tuple(probe.shape)}",
                               gap_max_abs=diff.abs().max().item(),
-                              gap_rel=(diff.norm() / reference.double().norm().clamp_min(1e-300)).item())
+                              gap_rel=(diff.norm() / reference.double().norm().clamp_min(1e-300)).item(),
+                              mlp_chunk=mlp_chunk_size)
     model.reversible_report = report
     if verbose:
         print(report)
     return model
 
 
-def bdia_reference(model: nn.Module, gamma0: float = 0.5) -> nn.Module:
+def bdia_reference(model: nn.Module, gamma0: float = 0.5, mlp_chunk_size: int | None = None) -> nn.Module:
     """A copy of an unconverted model whose training forward is BDIA under plain autograd (every
-    activation kept): the reference that ``convert_to_reversible(coupling='bdia')`` is tested against."""
+    activation kept): the reference that ``convert_to_reversible(coupling='bdia')`` is tested against
+    (with the same ``mlp_chunk_size``, its MLPs run in the same tiles)."""
     m = gamma_bits(gamma0)
     model = copy.deepcopy(model)
-    _wrap(model, lambda layer, i, stack, starts, ends, pos: BDIAReferenceLayer(layer, i, stack, starts, ends, m),
-          None)
+    reversible, _ = _wrap(model, lambda layer, i, stack, starts, ends, pos:
+                          BDIAReferenceLayer(layer, i, stack, starts, ends, m), None)
+    if mlp_chunk_size is not None:
+        _tile_mlps(model, reversible, mlp_chunk_size)
     return model
+
+
+def _tile_mlps(model: nn.Module, indices: list[int], chunk: int) -> None:
+    base, name = _layer_list(model)
+    layers = getattr(base, name)
+    for i in indices:
+        mlp = getattr(layers[i].layer, "mlp", None)
+        if isinstance(mlp, nn.Module):
+            tile_mlp(mlp, chunk)
 
 
 def convert_from_reversible(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -231,6 +260,8 @@ def convert_from_reversible(model: nn.Module, inplace: bool = False) -> nn.Modul
     for i, m in enumerate(layers):
         if isinstance(m, WrappedLayer):
             layers[i] = m.layer
+            if isinstance(getattr(m.layer, "mlp", None), nn.Module):
+                untile_mlp(m.layer.mlp)
     if "reversible_report" in model.__dict__:
         del model.reversible_report
     return model
