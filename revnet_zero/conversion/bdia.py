@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.autograd.graph import get_gradient_edge
 
 from ..engine import _autocast, _autocast_state, _leaf_aliases, _restored_rng, _rng_state
 from .grid import check_range, from_grid, gamma_step, gamma_unstep, pack_bits, to_grid, unpack_bits
@@ -98,10 +99,13 @@ class _BDIAFunction(torch.autograd.Function):
         _, b = _run_layer(call, x, gamma)
         tape.peak = torch.maximum(tape.peak, b.detach().abs().amax().float())
         X_next = to_grid(b.detach())
+        del b
         saved = []
         if not starts:
-            A, low = gamma_step(X_prev, signs, m)
+            # X_prev is the tape's alone (a run's saved pair is its last layer's X_next, X_cur): shift it in place
+            A, low = gamma_step(X_prev, signs, m, inplace=True)
             X_next += A
+            del A, X_prev
             saved = [signs, pack_bits(low, m)]
         tape.pair, tape.pos = (X_next, X_cur), index
         if ends:  # the run's outputs: kept for its backward, which starts here
@@ -129,7 +133,9 @@ class _BDIAFunction(torch.autograd.Function):
                 _restored_rng(ctx.rng, ctx.device):
             xg, b = _run_layer(ctx.call, x, gamma)
         leaves = [alias[id(p)] for p in needed]
-        gs = torch.autograd.grad(b, [xg, *leaves], dout.to(b.dtype), allow_unused=True)
+        bd, edge = b.detach(), get_gradient_edge(b)
+        del b   # the graph keeps what it needs; the values stay in bd (to_grid'ed after the backward)
+        gs = torch.autograd.grad(edge, [xg, *leaves], dout, allow_unused=True)  # autograd casts dout
         dx = gs[0] if gs[0] is not None else torch.zeros_like(xg)
         by_id = {id(p): g for p, g in zip(needed, gs[1:])}
         pgrads = [by_id.get(id(p)) for p in ctx.params]
@@ -137,8 +143,11 @@ class _BDIAFunction(torch.autograd.Function):
             tape.pair, tape.pos = None, None
             return (None, None, None, None, None, dx, *pgrads)
         with torch.no_grad():
+            G = to_grid(bd)
+            del bd
             low = unpack_bits(saved[1], ctx.m, X_cur.shape)
-            X_prev = gamma_unstep(X_next - to_grid(b.detach()), low, signs, ctx.m)
+            X_prev = gamma_unstep(torch.sub(X_next, G, out=G), low, signs, ctx.m, inplace=True)
+            del G, low
         tape.pair, tape.pos = (X_cur, X_prev), ctx.index - 1
         return (None, None, None, None, dout * gamma.to(dout.dtype), dx, *pgrads)
 

@@ -20,10 +20,10 @@ LIMIT = 2.0 ** 38  # |x| beyond this would overflow int64 after scaling by 2^GRI
 
 
 def to_grid(x: Tensor) -> Tensor:
-    """``round(x · 2^GRID_BITS)`` as int64, for ``|x| < LIMIT`` (see ``check_range``)."""
-    if x.dtype in (torch.float16, torch.bfloat16):
-        x = x.float()  # exact; fp16 would overflow when scaled
-    return torch.round(x * 2.0 ** GRID_BITS).to(torch.int64)
+    """``round(x · 2^GRID_BITS)`` as int64, for ``|x| < LIMIT`` (see ``check_range``). One float32
+    (or float64) temporary: bf16/fp16 are widened first (exact; fp16 would overflow when scaled)."""
+    y = x.to(torch.promote_types(x.dtype, torch.float32), copy=True)
+    return y.mul_(2.0 ** GRID_BITS).round_().to(torch.int64)
 
 
 def check_range(peak: Tensor) -> None:
@@ -36,7 +36,7 @@ def check_range(peak: Tensor) -> None:
 
 def from_grid(X: Tensor, dtype: torch.dtype) -> Tensor:
     """The float value of grid integers ``X`` in ``dtype`` (one correct rounding)."""
-    return X.to(dtype) * 2.0 ** -GRID_BITS
+    return X.to(dtype).mul_(2.0 ** -GRID_BITS)
 
 
 def gamma_bits(gamma0: float) -> int:
@@ -50,33 +50,44 @@ def gamma_bits(gamma0: float) -> int:
 
 def pack_bits(r: Tensor, m: int) -> Tensor:
     """Pack ``r`` (integers in ``[0, 2^m)``) into uint8, exactly ``m`` bits each: eight values make one
-    ``8m``-bit word, written as ``m`` bytes."""
-    flat = r.reshape(-1).to(torch.int32)
-    flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 8)).view(-1, 8)
-    word = torch.zeros_like(flat[:, 0])
-    for j in range(8):
-        word |= flat[:, j] << (m * j)
-    return torch.stack([(word >> (8 * i)) & 255 for i in range(m)], dim=1).to(torch.uint8).view(-1)
+    ``8m``-bit word, written as ``m`` bytes. Temporaries are an eighth of ``r`` in int32."""
+    flat = r.reshape(-1).to(torch.uint8)
+    if flat.numel() % 8:
+        flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    flat = flat.view(-1, 8)
+    word = flat[:, 0].to(torch.int32)
+    for j in range(1, 8):
+        word |= flat[:, j].to(torch.int32) << (m * j)
+    out = torch.empty(word.numel(), m, dtype=torch.uint8, device=r.device)
+    for i in range(m):
+        out[:, i] = (word >> (8 * i)) & 255
+    return out.view(-1)
 
 
 def unpack_bits(packed: Tensor, m: int, shape: torch.Size) -> Tensor:
-    """Inverse of ``pack_bits``, as int64 of ``shape``."""
-    bytes_ = packed.view(-1, m).to(torch.int32)
-    word = torch.zeros_like(bytes_[:, 0])
-    for i in range(m):
-        word |= bytes_[:, i] << (8 * i)
-    r = torch.stack([(word >> (m * j)) & ((1 << m) - 1) for j in range(8)], dim=1)
-    return r.view(-1)[:shape.numel()].view(shape).to(torch.int64)
+    """Inverse of ``pack_bits``: uint8 of ``shape``."""
+    bytes_ = packed.view(-1, m)
+    word = bytes_[:, 0].to(torch.int32)
+    for i in range(1, m):
+        word |= bytes_[:, i].to(torch.int32) << (8 * i)
+    r = torch.empty(word.numel(), 8, dtype=torch.uint8, device=packed.device)
+    for j in range(8):
+        r[:, j] = (word >> (m * j)) & ((1 << m) - 1)
+    return r.view(-1)[:shape.numel()].view(shape)
 
 
-def gamma_step(X_prev: Tensor, signs: Tensor, m: int) -> tuple[Tensor, Tensor]:
+def gamma_step(X_prev: Tensor, signs: Tensor, m: int, inplace: bool = False) -> tuple[Tensor, Tensor]:
     """``Q[γ · x_prev]`` on the grid for ``γ = signs · 2^-m`` (signs ``[B]`` of ±1): ``signs · (X_prev >> m)``,
-    and the ``m`` low bits it drops."""
+    and the ``m`` low bits it drops (uint8). ``inplace`` computes the first in ``X_prev``'s memory."""
     s = signs.view(-1, *[1] * (X_prev.dim() - 1))
-    return (X_prev >> m) * s, X_prev & ((1 << m) - 1)
+    low = X_prev.to(torch.uint8).bitwise_and_((1 << m) - 1)  # int64 -> uint8 keeps the low 8 bits
+    A = X_prev.bitwise_right_shift_(m) if inplace else X_prev >> m
+    return A.mul_(s), low
 
 
-def gamma_unstep(A: Tensor, low: Tensor, signs: Tensor, m: int) -> Tensor:
-    """``X_prev`` from ``A = signs · (X_prev >> m)`` and its dropped bits ``low``: exact."""
+def gamma_unstep(A: Tensor, low: Tensor, signs: Tensor, m: int, inplace: bool = False) -> Tensor:
+    """``X_prev`` from ``A = signs · (X_prev >> m)`` and its dropped bits ``low``: exact. ``inplace``
+    computes it in ``A``'s memory."""
     s = signs.view(-1, *[1] * (A.dim() - 1))
-    return ((A * s) << m) | low
+    X = A if inplace else A.clone()
+    return X.mul_(s).bitwise_left_shift_(m).bitwise_or_(low)
