@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .bdia import BDIALayer
 from .grid import gamma_bits
 from .reference import BDIAReferenceLayer
+from .rmsnorm import lean_rmsnorm, plain_rmsnorm
 from .tiling import tile_mlp, untile_mlp
 from .two_stream import TwoStreamLayer
 from .wrapping import CheckpointedLayer, WrappedLayer, _Stack
@@ -35,6 +36,7 @@ class ConversionReport:
     gap_max_abs: float = float("nan")  # max |converted - original|
     gap_rel: float = float("nan")      # ||converted - original|| / ||original||
     mlp_chunk: int | None = None       # positions per MLP tile in training (None: untiled)
+    lean_norms: int = 0                # RMSNorm modules given the lean backward (rmsnorm.py)
 
     def __str__(self) -> str:
         lines = [f"convert_to_reversible: {self.model}, coupling={self.coupling!r} ({self.setting}), "
@@ -45,6 +47,9 @@ class ConversionReport:
             lines += [f"    layer {i} ({name}): {why}" for i, name, why in self.checkpointed]
         else:
             lines.append("  activation checkpointing: none")
+        if self.lean_norms:
+            lines.append(f"  {self.lean_norms} RMSNorm modules keep only their input and 1/rms in training "
+                         "(same forward bits, analytic backward)")
         if self.mlp_chunk:
             lines.append(f"  MLPs of the reversible layers run in tiles of {self.mlp_chunk} positions in training")
         lines.append(f"  conversion gap on {self.compared}: max |diff| {self.gap_max_abs:.3g}, "
@@ -161,6 +166,9 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
     residual layer) run under activation checkpointing, one segment each (it keeps the layer's
     input); this is the most such layers allowed (``None``: no limit; ``0``: all must be reversible).
 
+    In the reversible layers, Llama-family RMSNorms (Llama, Mistral, Qwen2) keep only their input and
+    ``1/rms`` in training, with the same forward bits (``revnet_zero.conversion.rmsnorm``).
+
     ``mlp_chunk_size``: positions per MLP tile in training (``None``: untiled). At long context the
     MLP's intermediates are the layer's largest tensors (Llama-3-8B: three ``[S, 14336]``); tiled,
     only one tile of them exists at a time, for one more MLP forward per layer in backward
@@ -208,13 +216,15 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
     reversible, fallback = _wrap(model, make, checkpoint_segments)
     if mlp_chunk_size is not None:
         _tile_mlps(model, reversible, mlp_chunk_size)
+    base, name = _layer_list(model)
+    lean = sum(lean_rmsnorm(mod) for i in reversible for mod in getattr(base, name)[i].layer.modules())
     out, _ = _probe_output(model, probe)
     diff = (out.double() - reference.double())
     report = ConversionReport(type(model).__name__, coupling, setting, reversible, fallback,
                               compared=f"{compared}, probe {tuple(probe.shape)}",
                               gap_max_abs=diff.abs().max().item(),
                               gap_rel=(diff.norm() / reference.double().norm().clamp_min(1e-300)).item(),
-                              mlp_chunk=mlp_chunk_size)
+                              mlp_chunk=mlp_chunk_size, lean_norms=lean)
     model.reversible_report = report
     if verbose:
         print(report)
@@ -224,13 +234,18 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
 def bdia_reference(model: nn.Module, gamma0: float = 0.5, mlp_chunk_size: int | None = None) -> nn.Module:
     """A copy of an unconverted model whose training forward is BDIA under plain autograd (every
     activation kept): the reference that ``convert_to_reversible(coupling='bdia')`` is tested against
-    (with the same ``mlp_chunk_size``, its MLPs run in the same tiles)."""
+    (with the same ``mlp_chunk_size``, its MLPs run in the same tiles; its RMSNorms use the same lean
+    Function, which tests/test_conversion.py pins to Hugging Face's own)."""
     m = gamma_bits(gamma0)
     model = copy.deepcopy(model)
     reversible, _ = _wrap(model, lambda layer, i, stack, starts, ends, pos:
                           BDIAReferenceLayer(layer, i, stack, starts, ends, m), None)
     if mlp_chunk_size is not None:
         _tile_mlps(model, reversible, mlp_chunk_size)
+    base, name = _layer_list(model)
+    for i in reversible:   # the same norm Function as the converted model (tested against HF's on its own)
+        for mod in getattr(base, name)[i].layer.modules():
+            lean_rmsnorm(mod)
     return model
 
 
@@ -262,6 +277,8 @@ def convert_from_reversible(model: nn.Module, inplace: bool = False) -> nn.Modul
             layers[i] = m.layer
             if isinstance(getattr(m.layer, "mlp", None), nn.Module):
                 untile_mlp(m.layer.mlp)
+            for mod in m.layer.modules():
+                plain_rmsnorm(mod)
     if "reversible_report" in model.__dict__:
         del model.reversible_report
     return model

@@ -1,0 +1,82 @@
+"""A memory-lean backward for Hugging Face's Llama-family RMSNorm, with its forward bit for bit.
+
+``LlamaRMSNorm`` (and Mistral's, Qwen2's) is written as separate ops on a float32 copy of its input;
+autograd keeps that copy and, in backward, a handful of float32 ``[S, D]`` temporaries at once
+(measured: the largest item at the peak of a converted layer's backward). ``_RMSNorm`` runs the same
+ops in the same order, so its output equals the module's bitwise, but keeps only the input and the
+per-row ``1/rms``, and its backward (the analytic gradient, equal to autograd's to rounding) works
+in row tiles.
+
+``lean_rmsnorm(module)`` overrides ``forward`` on the instance (training with grad only; the
+module, its weights and its state_dict are unchanged); ``plain_rmsnorm`` removes the override.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+# classes whose forward is exactly: float32 copy, pow(2).mean(-1), rsqrt(+eps), scale, cast back,
+# times weight (Gemma's RMSNorm multiplies by 1 + weight and is not one of them)
+KNOWN = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+ROWS_ELEMENTS = 2 ** 24   # float32 elements per backward tile (64 MiB per temporary)
+_FLAG = "_revnet_lean_rmsnorm"
+
+
+def lean_rmsnorm(module: nn.Module) -> bool:
+    """Give a known RMSNorm the lean backward; returns whether ``module`` is one."""
+    if type(module).__name__ not in KNOWN or not hasattr(module, "variance_epsilon"):
+        return False
+    setattr(module, _FLAG, True)
+    module.forward = types.MethodType(_lean_forward, module)   # bound: deepcopy rebinds it to the copy
+    return True
+
+
+def plain_rmsnorm(module: nn.Module) -> None:
+    if hasattr(module, _FLAG):
+        delattr(module, _FLAG)
+        del module.forward
+
+
+def _lean_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
+    if not (self.training and torch.is_grad_enabled()):
+        return type(self).forward(self, hidden_states)
+    return _RMSNorm.apply(hidden_states, self.weight, float(self.variance_epsilon))
+
+
+def _normed(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Hugging Face's op sequence: the float32 normalised rows (before the cast) and ``1/rms``."""
+    h = x.to(torch.float32)
+    r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return h * r, r
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        n, r = _normed(x, eps)
+        ctx.save_for_backward(x, weight, r)
+        return weight * n.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        x, weight, r = ctx.saved_tensors
+        D = x.shape[-1]
+        xs, rs, ds = x.reshape(-1, D), r.reshape(-1, 1), dout.reshape(-1, D)
+        dx = torch.empty_like(xs) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros(D, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
+        step = max(1, ROWS_ELEMENTS // D)
+        for i in range(0, xs.shape[0], step):
+            h = xs[i:i + step].to(torch.float32)
+            n = h * rs[i:i + step]                            # as forward, before the cast
+            d = ds[i:i + step]
+            if dw is not None:                                # out = weight * cast(n)
+                dw += (d * n.to(x.dtype)).to(torch.float32).sum(0)
+            if dx is not None:
+                dn = (d * weight).to(x.dtype).to(torch.float32)   # autograd's casts: to cast(n)'s dtype, then up
+                dx[i:i + step] = rs[i:i + step] * (dn - n * (dn * n).mean(-1, keepdim=True))
+        return (dx.view_as(x) if dx is not None else None,
+                dw.to(weight.dtype) if dw is not None else None, None)
