@@ -27,7 +27,7 @@ from torch.autograd.function import once_differentiable
 from torch.autograd.graph import get_gradient_edge
 
 from ..engine import _autocast, _autocast_state, _leaf_aliases, _restored_rng, _rng_state
-from .grid import check_range, from_grid, gamma_step, gamma_unstep, pack_bits, to_grid, unpack_bits
+from .grid import check_range, from_grid, step_backward, step_forward, to_grid
 from .wrapping import WrappedLayer, _Stack, layer_arguments
 
 
@@ -97,16 +97,17 @@ class _BDIAFunction(torch.autograd.Function):
         ctx.rng = _rng_state(x.device)
         gamma = None if starts else gammas(signs, m, x)
         _, b = _run_layer(call, x, gamma)
-        tape.peak = torch.maximum(tape.peak, b.detach().abs().amax().float())
-        X_next = to_grid(b.detach())
-        del b
+        b = b.detach()
         saved = []
-        if not starts:
-            # X_prev is the tape's alone (a run's saved pair is its last layer's X_next, X_cur): shift it in place
-            A, low = gamma_step(X_prev, signs, m, inplace=True)
-            X_next += A
-            del A, X_prev
-            saved = [signs, pack_bits(low, m)]
+        if starts:
+            X_next, peak = to_grid(b), b.abs().amax().float()
+        else:
+            # X_prev is the tape's alone (a run's saved pair is its last layer's X_next, X_cur): given up here
+            X_next, packed, peak = step_forward(b, X_prev, signs, m)
+            del X_prev
+            saved = [signs, packed]
+        del b
+        tape.peak = torch.maximum(tape.peak, peak)
         tape.pair, tape.pos = (X_next, X_cur), index
         if ends:  # the run's outputs: kept for its backward, which starts here
             check_range(tape.peak)  # the backward's recompute gives the same values: no check there
@@ -143,11 +144,8 @@ class _BDIAFunction(torch.autograd.Function):
             tape.pair, tape.pos = None, None
             return (None, None, None, None, None, dx, *pgrads)
         with torch.no_grad():
-            G = to_grid(bd)
+            X_prev = step_backward(bd, X_next, saved[1], signs, ctx.m)
             del bd
-            low = unpack_bits(saved[1], ctx.m, X_cur.shape)
-            X_prev = gamma_unstep(torch.sub(X_next, G, out=G), low, signs, ctx.m, inplace=True)
-            del G, low
         tape.pair, tape.pos = (X_cur, X_prev), ctx.index - 1
         return (None, None, None, None, dout * gamma.to(dout.dtype), dx, *pgrads)
 

@@ -91,3 +91,49 @@ def gamma_unstep(A: Tensor, low: Tensor, signs: Tensor, m: int, inplace: bool = 
     s = signs.view(-1, *[1] * (A.dim() - 1))
     X = A if inplace else A.clone()
     return X.mul_(s).bitwise_left_shift_(m).bitwise_or_(low)
+
+
+# ---- one BDIA step on the grid, fused on CUDA
+#
+# Eagerly each step is some twenty elementwise passes over int64 tensors (to_grid, shift, sign, add,
+# pack; and back), which at 8k tokens cost about as much as the layer's own kernels. On CUDA the two
+# functions below are compiled (torch.compile, dynamic shapes) into a few fused kernels. They hold
+# only integer arithmetic, exact float scaling and round-half-even, so compiled and eager results are
+# the same bits (tests/test_gpu.py checks it); set ``FUSE = False`` to run eagerly everywhere.
+
+FUSE = True
+_FUSED: dict = {}
+
+
+def _step_forward(b: Tensor, X_prev: Tensor, signs: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
+    A, low = gamma_step(X_prev, signs, m)
+    return to_grid(b) + A, pack_bits(low, m), b.abs().amax().float()
+
+
+def _step_backward(b: Tensor, X_next: Tensor, packed: Tensor, signs: Tensor, m: int) -> Tensor:
+    low = unpack_bits(packed, m, X_next.shape)
+    return gamma_unstep(X_next - to_grid(b), low, signs, m, inplace=True)
+
+
+def _fused(fn):
+    if fn not in _FUSED:
+        _FUSED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _FUSED[fn]
+
+
+def step_forward(b: Tensor, X_prev: Tensor, signs: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``X_next = to_grid(b) + Q[γ·x_prev]``, the packed bits that drops, and ``max |b|``. Eagerly,
+    ``X_prev`` (which the caller gives up) is shifted in place to save an int64 temporary."""
+    if FUSE and b.is_cuda:
+        return _fused(_step_forward)(b, X_prev, signs, m)
+    X_next = to_grid(b)
+    A, low = gamma_step(X_prev, signs, m, inplace=True)
+    X_next += A
+    return X_next, pack_bits(low, m), b.abs().amax().float()
+
+
+def step_backward(b: Tensor, X_next: Tensor, packed: Tensor, signs: Tensor, m: int) -> Tensor:
+    """``X_prev`` from ``X_next``, the layer's recomputed ``b`` and the stored bits: exact."""
+    if FUSE and b.is_cuda:
+        return _fused(_step_backward)(b, X_next, packed, signs, m)
+    return _step_backward(b, X_next, packed, signs, m)
