@@ -172,9 +172,9 @@ def test_cuda_fused_bdia_grid_step_is_the_eager_one(monkeypatch):
     torch.manual_seed(0)
     for m in (1, 2, 3):
         for dtype in (torch.bfloat16, torch.float32):
-            for S in (4096, 1001):   # 1001 * 64 * 2 is not a multiple of 8 x 8: the padded pack
-                b = (torch.randn(2, S, 64, device="cuda") * 3).to(dtype)
-                X_prev = torch.randint(-2**40, 2**40, (2, S, 64), device="cuda")
+            for S, D in ((4096, 64), (1001, 63)):   # 2 * 1001 * 63 elements: not whole bytes, the padded pack
+                b = (torch.randn(2, S, D, device="cuda") * 3).to(dtype)
+                X_prev = torch.randint(-2**40, 2**40, (2, S, D), device="cuda")
                 signs = torch.tensor([1, -1], device="cuda")
                 monkeypatch.setattr(grid, "FUSE", False)
                 eager = grid.step_forward(b, X_prev.clone(), signs, m)
