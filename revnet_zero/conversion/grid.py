@@ -115,17 +115,18 @@ def _step_backward(b: Tensor, X_next: Tensor, packed: Tensor, signs: Tensor, m: 
     return gamma_unstep(X_next - to_grid(b), low, signs, m, inplace=True)
 
 
-def _fused(fn):
-    if fn not in _FUSED:
-        _FUSED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
-    return _FUSED[fn]
+def _fused(fn, m: int):
+    """``fn`` compiled for one ``m`` (a constant of the graph: shifts by a symbolic int do not trace)."""
+    if (fn, m) not in _FUSED:
+        _FUSED[fn, m] = torch.compile(lambda *args: fn(*args, m), dynamic=True, fullgraph=True)
+    return _FUSED[fn, m]
 
 
 def step_forward(b: Tensor, X_prev: Tensor, signs: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
     """``X_next = to_grid(b) + Q[γ·x_prev]``, the packed bits that drops, and ``max |b|``. Eagerly,
     ``X_prev`` (which the caller gives up) is shifted in place to save an int64 temporary."""
     if FUSE and b.is_cuda:
-        return _fused(_step_forward)(b, X_prev, signs, m)
+        return _fused(_step_forward, m)(b, X_prev, signs)
     X_next = to_grid(b)
     A, low = gamma_step(X_prev, signs, m, inplace=True)
     X_next += A
@@ -135,5 +136,5 @@ def step_forward(b: Tensor, X_prev: Tensor, signs: Tensor, m: int) -> tuple[Tens
 def step_backward(b: Tensor, X_next: Tensor, packed: Tensor, signs: Tensor, m: int) -> Tensor:
     """``X_prev`` from ``X_next``, the layer's recomputed ``b`` and the stored bits: exact."""
     if FUSE and b.is_cuda:
-        return _fused(_step_backward)(b, X_next, packed, signs, m)
+        return _fused(_step_backward, m)(b, X_next, packed, signs)
     return _step_backward(b, X_next, packed, signs, m)
