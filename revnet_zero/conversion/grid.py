@@ -12,6 +12,8 @@ function of ``X``: the forward and the backward's rebuild feed the layer the sam
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -116,17 +118,32 @@ def _step_backward(b: Tensor, X_next: Tensor, packed: Tensor, signs: Tensor, m: 
 
 
 def _fused(fn, m: int):
-    """``fn`` compiled for one ``m`` (a constant of the graph: shifts by a symbolic int do not trace)."""
+    """``fn`` compiled for one ``m``, which must stay a constant of the graph (a shift by a symbolic
+    int does not trace in torch 2.11), hence automatic dynamic shapes rather than ``dynamic=True``."""
     if (fn, m) not in _FUSED:
-        _FUSED[fn, m] = torch.compile(lambda *args: fn(*args, m), dynamic=True, fullgraph=True)
+        _FUSED[fn, m] = torch.compile(lambda *args: fn(*args, m), fullgraph=True)
     return _FUSED[fn, m]
+
+
+def _run_fused(fn, m: int, *args):
+    """The compiled step; if compiling fails, warn once and run eagerly from then on (same bits)."""
+    global FUSE
+    try:
+        return _fused(fn, m)(*args)
+    except Exception as e:  # noqa: BLE001 - any compiler failure: the eager step is exact too
+        FUSE = False
+        warnings.warn(f"revnet_zero: compiling the BDIA grid step failed ({type(e).__name__}: {str(e)[:200]}); "
+                      "running it eagerly (same results, slower)", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def step_forward(b: Tensor, X_prev: Tensor, signs: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
     """``X_next = to_grid(b) + Q[γ·x_prev]``, the packed bits that drops, and ``max |b|``. Eagerly,
     ``X_prev`` (which the caller gives up) is shifted in place to save an int64 temporary."""
     if FUSE and b.is_cuda:
-        return _fused(_step_forward, m)(b, X_prev, signs)
+        out = _run_fused(_step_forward, m, b, X_prev, signs)
+        if out is not None:
+            return out
     X_next = to_grid(b)
     A, low = gamma_step(X_prev, signs, m, inplace=True)
     X_next += A
@@ -136,5 +153,7 @@ def step_forward(b: Tensor, X_prev: Tensor, signs: Tensor, m: int) -> tuple[Tens
 def step_backward(b: Tensor, X_next: Tensor, packed: Tensor, signs: Tensor, m: int) -> Tensor:
     """``X_prev`` from ``X_next``, the layer's recomputed ``b`` and the stored bits: exact."""
     if FUSE and b.is_cuda:
-        return _fused(_step_backward, m)(b, X_next, packed, signs)
+        out = _run_fused(_step_backward, m, b, X_next, packed, signs)
+        if out is not None:
+            return out
     return _step_backward(b, X_next, packed, signs, m)
