@@ -139,8 +139,8 @@ def write(stem: str, rows: list[dict], env: dict, a) -> None:
     ok = {(r["mode"], r["seq"], r["layers"]): r for r in rows if r["status"] == "ok"}
     lines = [f"# Converted Llama ({a.shape}) fine-tuning: ordinary vs HF checkpointing vs BDIA", "",
              f"GPU {env['gpu']}, torch {env['torch']}, commit {env['commit']}, {env['date']}; bf16 autocast, "
-             f"batch 1, fused head+loss in every mode, BDIA gamma0 = {a.gamma0}, BDIA MLP tile "
-             f"{a.mlp_chunk or 'none'} positions. Step: median of 2 below 128k "
+             f"batch 1, fused head+loss in every mode, BDIA gamma0 = {a.gamma0}, BDIA MLP "
+             f"{f'tiles of {a.mlp_chunk} positions' if a.mlp_chunk else 'untiled'}. Step: median of 2 below 128k "
              "tokens, one step from 128k.", "",
              "| mode | layers | seq | step s | tokens/s | vs hf_ac | peak GiB | static GiB | status |",
              "|---|---|---|---|---|---|---|---|---|"]
