@@ -9,27 +9,18 @@ comparison, [B, H, S, hd]-contiguous). Prints the median milliseconds per call o
 from __future__ import annotations
 
 import argparse
-import statistics
-
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from revnet_zero.benchmarks.sdpa import _cuda_time
 
 aten = torch.ops.aten
 
 
 def timed(fn, repeats: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
+    """Median milliseconds of ``fn()`` by CUDA events (the runner's SDPA timer)."""
+    return _cuda_time(fn, repeats) * 1000
 
 
 def main() -> None:
