@@ -188,6 +188,15 @@ class _GradAs(torch.autograd.Function):
         return g.to(ctx.dtype), None
 
 
+def root_edge(h: Tensor, grad_dtype: torch.dtype):
+    """The graph edge to differentiate ``h`` from, for a gradient of ``grad_dtype``: with the edge
+    alone ``h`` can be freed before its backward, and a dtype cast of the gradient happens inside
+    the graph (``_GradAs``), where autograd frees it once used, not at the root, where it is held
+    until the whole grad call returns."""
+    with torch.enable_grad():
+        return get_gradient_edge(_GradAs.apply(h, grad_dtype) if h.dtype != grad_dtype else h)
+
+
 def _accumulate(grads: dict, leaves: list[Tensor], gs) -> None:
     for leaf, g in zip(leaves, gs):
         if g is not None:
@@ -228,8 +237,7 @@ def _reverse_steps(ctx, d: list[Tensor], d_owned: list[bool], alias: dict):
                 # is freed now unless the graph saved it. dh is cast to h's dtype inside the graph:
                 # autograd holds a root gradient until the whole grad call returns, a cast made
                 # there or here would stay alive through the sub-function's backward.
-                with torch.enable_grad():
-                    edge = get_gradient_edge(_GradAs.apply(h, dh.dtype) if h.dtype != dh.dtype else h)
+                edge = root_edge(h, dh.dtype)
                 del h, hd
                 gs = torch.autograd.grad(edge, [xin, *leaves], dh, allow_unused=True)
                 if gs[0] is not None:

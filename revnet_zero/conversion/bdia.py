@@ -24,9 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from torch.autograd.graph import get_gradient_edge
 
-from ..engine import _autocast, _autocast_state, _leaf_aliases, _restored_rng, _rng_state
+from ..engine import _autocast, _autocast_state, _leaf_aliases, _restored_rng, _rng_state, root_edge
 from .grid import check_range, from_grid, step_backward, step_forward, to_grid
 from .wrapping import WrappedLayer, _Stack, layer_arguments
 
@@ -134,9 +133,9 @@ class _BDIAFunction(torch.autograd.Function):
                 _restored_rng(ctx.rng, ctx.device):
             xg, b = _run_layer(ctx.call, x, gamma)
         leaves = [alias[id(p)] for p in needed]
-        bd, edge = b.detach(), get_gradient_edge(b)
+        bd, edge = b.detach(), root_edge(b, dout.dtype)
         del b   # the graph keeps what it needs; the values stay in bd (to_grid'ed after the backward)
-        gs = torch.autograd.grad(edge, [xg, *leaves], dout, allow_unused=True)  # autograd casts dout
+        gs = torch.autograd.grad(edge, [xg, *leaves], dout, allow_unused=True)
         dx = gs[0] if gs[0] is not None else torch.zeros_like(xg)
         by_id = {id(p): g for p, g in zip(needed, gs[1:])}
         pgrads = [by_id.get(id(p)) for p in ctx.params]

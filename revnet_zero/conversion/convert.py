@@ -11,7 +11,7 @@ from .bdia import BDIALayer
 from .grid import gamma_bits
 from .reference import BDIAReferenceLayer
 from .rmsnorm import lean_rmsnorm, plain_rmsnorm
-from .tiling import tile_mlp, untile_mlp
+from .tiling import check_chunk, tile_mlp, untile_mlp
 from .two_stream import TwoStreamLayer
 from .wrapping import CheckpointedLayer, WrappedLayer, _Stack
 
@@ -192,10 +192,8 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
                                             or not isinstance(checkpoint_segments, int) or checkpoint_segments < 0):
         raise ValueError(f"checkpoint_segments must be None or an int >= 0, got {checkpoint_segments!r}")
     m = gamma_bits(gamma0)
-    if mlp_chunk_size is not None and (isinstance(mlp_chunk_size, bool) or not isinstance(mlp_chunk_size, int)
-                                       or mlp_chunk_size < 1):
-        raise ValueError(f"mlp_chunk_size must be None or a positive int (positions per MLP tile), "
-                         f"got {mlp_chunk_size!r}")
+    if mlp_chunk_size is not None:
+        check_chunk(mlp_chunk_size)
     if coupling == "affine" and not 0 < scale < 1:
         raise ValueError(f"scale (the affine coupling's constant λ) must be in (0, 1), got {scale!r}")
     lam = 1.0 if coupling == "additive" else scale
@@ -214,10 +212,7 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
             return TwoStreamLayer(layer, i, stack, starts, ends, dst=pos % 2, scale=lam)
         setting = f"scale={lam:g}"
     reversible, fallback = _wrap(model, make, checkpoint_segments)
-    if mlp_chunk_size is not None:
-        _tile_mlps(model, reversible, mlp_chunk_size)
-    base, name = _layer_list(model)
-    lean = sum(lean_rmsnorm(mod) for i in reversible for mod in getattr(base, name)[i].layer.modules())
+    lean = _lean_layers(model, reversible, mlp_chunk_size)
     out, _ = _probe_output(model, probe)
     diff = (out.double() - reference.double())
     report = ConversionReport(type(model).__name__, coupling, setting, reversible, fallback,
@@ -240,22 +235,21 @@ def bdia_reference(model: nn.Module, gamma0: float = 0.5, mlp_chunk_size: int | 
     model = copy.deepcopy(model)
     reversible, _ = _wrap(model, lambda layer, i, stack, starts, ends, pos:
                           BDIAReferenceLayer(layer, i, stack, starts, ends, m), None)
-    if mlp_chunk_size is not None:
-        _tile_mlps(model, reversible, mlp_chunk_size)
-    base, name = _layer_list(model)
-    for i in reversible:   # the same norm Function as the converted model (tested against HF's on its own)
-        for mod in getattr(base, name)[i].layer.modules():
-            lean_rmsnorm(mod)
+    _lean_layers(model, reversible, mlp_chunk_size)
     return model
 
 
-def _tile_mlps(model: nn.Module, indices: list[int], chunk: int) -> None:
+def _lean_layers(model: nn.Module, indices: list[int], mlp_chunk: int | None) -> int:
+    """Tile the MLPs of the layers ``indices`` (``mlp_chunk`` positions, or none) and give their
+    RMSNorms the lean backward; returns how many norms got it."""
     base, name = _layer_list(model)
-    layers = getattr(base, name)
+    lean = 0
     for i in indices:
-        mlp = getattr(layers[i].layer, "mlp", None)
-        if isinstance(mlp, nn.Module):
-            tile_mlp(mlp, chunk)
+        layer = getattr(base, name)[i].layer
+        if mlp_chunk is not None and isinstance(getattr(layer, "mlp", None), nn.Module):
+            tile_mlp(layer.mlp, mlp_chunk)
+        lean += sum(lean_rmsnorm(mod) for mod in layer.modules())
+    return lean
 
 
 def convert_from_reversible(model: nn.Module, inplace: bool = False) -> nn.Module:

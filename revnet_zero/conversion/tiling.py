@@ -33,11 +33,15 @@ _CHUNK = "_revnet_mlp_chunk"
 def tile_mlp(mlp: nn.Module, chunk: int) -> nn.Module:
     """Run ``mlp`` (``[B, S, D] -> [B, S, D']``, position-wise) in tiles of ``chunk`` positions in
     training with grad; unchanged in eval, under ``torch.no_grad()`` and for ``S <= chunk``."""
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"mlp_chunk_size must be a positive int (positions per MLP tile), got {chunk!r}")
+    check_chunk(chunk)
     setattr(mlp, _CHUNK, chunk)
     mlp.forward = types.MethodType(_tiled_forward, mlp)  # a bound method: deepcopy rebinds it to the copy
     return mlp
+
+
+def check_chunk(chunk) -> None:
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"mlp_chunk_size must be None or a positive int (positions per MLP tile), got {chunk!r}")
 
 
 def untile_mlp(mlp: nn.Module) -> nn.Module:
@@ -46,10 +50,6 @@ def untile_mlp(mlp: nn.Module) -> nn.Module:
         delattr(mlp, _CHUNK)
         del mlp.forward
     return mlp
-
-
-def is_tiled(mlp: nn.Module) -> bool:
-    return hasattr(mlp, _CHUNK)
 
 
 def _tiled_forward(self: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:

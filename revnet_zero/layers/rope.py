@@ -40,8 +40,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
     Computed in ``x``'s dtype (as Hugging Face Llama does, each product accumulated in float32), so
     no float32 copy of q and k is made. The result has ``x``'s layout (for a projection's output,
-    ``[B, S, H, head_dim]`` in memory, which the attention kernels take natively). The rotation is linear, so autograd keeps only ``cos``/``sin``:
-    backward rotates the gradient back, and ``x`` (a projection's output) is freed after forward.
+    ``[B, S, H, head_dim]`` in memory, which the attention kernels take natively). The rotation is
+    linear, so autograd keeps only ``cos``/``sin``: backward rotates the gradient back, and ``x`` (a
+    projection's output) is freed after forward.
     """
     if not torch.is_grad_enabled() or not x.requires_grad:
         return _rotate(x, cos.to(x.dtype), sin.to(x.dtype))
