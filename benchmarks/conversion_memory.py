@@ -55,19 +55,26 @@ class LossOf(nn.Module):
 
 
 def build(shape: str, layers: int, seq: int, mode: str, gamma0: float, device: torch.device,
-          mlp_chunk: int | None = None) -> nn.Module:
+          mlp_chunk: int | None = None, offload: bool = False, resident: int | None = None) -> nn.Module:
+    """``resident``: build that many layers and run the first ``layers`` of them; the others stay on the
+    GPU, unused, so the measured peak holds a full-depth model's weights (for runs where fewer layers
+    stand in for the full depth, valid when memory does not grow with depth: BDIA with ``offload``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(**SHAPES[shape], num_hidden_layers=layers, max_position_embeddings=max(seq, 8192),
-                      attn_implementation="sdpa")
+    cfg = LlamaConfig(**SHAPES[shape], num_hidden_layers=max(layers, resident or 0),
+                      max_position_embeddings=max(seq, 8192), attn_implementation="sdpa")
     torch.manual_seed(0)
     dtype = torch.bfloat16 if shape == "8b" else torch.float32
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
+    idle = list(model.model.layers[layers:])
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
     model.config.use_cache = False
     if mode == "hf_ac":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif mode == "bdia":
-        model = convert_to_reversible(model, gamma0=gamma0, inplace=True, verbose=False, mlp_chunk_size=mlp_chunk)
+        model = convert_to_reversible(model, gamma0=gamma0, inplace=True, verbose=False, mlp_chunk_size=mlp_chunk,
+                                      offload=offload)
     if shape == "8b":
         import peft
         lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -76,7 +83,9 @@ def build(shape: str, layers: int, seq: int, mode: str, gamma0: float, device: t
         if mode == "hf_ac":
             model.enable_input_require_grads()   # checkpointing needs a grad-requiring input under LoRA
     model.train()
-    return LossOf(model)
+    wrapped = LossOf(model)
+    wrapped.idle_layers = idle   # a plain list: held on the GPU, outside the module tree
+    return wrapped
 
 
 def main(argv=None) -> None:
@@ -89,12 +98,19 @@ def main(argv=None) -> None:
     p.add_argument("--slope-seq", type=int, default=32768)
     p.add_argument("--gamma0", type=float, default=0.125)
     p.add_argument("--mlp-chunk", type=int, default=None, help="bdia: positions per MLP tile (mlp_chunk_size)")
+    p.add_argument("--offload", action="store_true", help="bdia: grid tensors and kept bits in host memory")
+    p.add_argument("--resident-layers", type=int, default=None,
+                   help="build this many layers, run --layers of them, keep the rest's weights on the GPU")
+    p.add_argument("--fuse-grid", action="store_true", help="bdia: the compiled grid step (grid.FUSE)")
     p.add_argument("--sdpa", default="cudnn")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--topic", default=None)
     a = p.parse_args(argv)
     dev = torch.device("cuda")
+    if a.fuse_grid:
+        from revnet_zero.conversion import grid
+        grid.FUSE = True
     env = environment(dev, a.commit)
     stem = os.path.join(a.out, f"{a.topic or 'conversion_' + a.shape}_{gpu_slug(env['gpu'])}_{env['date']}")
     os.makedirs(a.out, exist_ok=True)
@@ -108,7 +124,7 @@ def main(argv=None) -> None:
                              "error": "out of memory at a shorter length"})
                 continue
             try:
-                model = build(a.shape, layers, seq, mode, a.gamma0, dev, a.mlp_chunk)
+                model = build(a.shape, layers, seq, mode, a.gamma0, dev, a.mlp_chunk, a.offload, a.resident_layers)
             except Exception as e:  # noqa: BLE001 - recorded in the row
                 rows.append({**env, "mode": mode, "seq": seq, "layers": layers, "status": "error",
                              "error": f"{type(e).__name__}: {e}"[:300]})
@@ -122,7 +138,9 @@ def main(argv=None) -> None:
                    "step_s": r.step_s, "tokens_per_s": seq / r.step_s if r.step_s else None,
                    "peak_gib": r.peak_gib, "static_gib": r.static_gib, "error": r.error,
                    "gamma0": a.gamma0 if mode == "bdia" else None,
-                   "mlp_chunk": a.mlp_chunk if mode == "bdia" else None}
+                   "mlp_chunk": a.mlp_chunk if mode == "bdia" else None,
+                   "offload": a.offload and mode == "bdia", "resident_layers": a.resident_layers,
+                   "fused_grid": mode == "bdia" and _fused_grid(), **_host_stats()}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in env}), flush=True)
             if r.status == "oom":
@@ -133,6 +151,24 @@ def main(argv=None) -> None:
     write(stem, rows, env, a)
 
 
+def _fused_grid() -> bool:
+    from revnet_zero.conversion import grid
+    return grid.FUSE   # False again if compiling failed and the step fell back to eager
+
+
+def _host_stats() -> dict:
+    """Pinned host memory held by torch's host allocator (its peak so far, GiB) and the seconds spent
+    pinning new blocks, where this torch reports them."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    try:
+        s = stats() if stats else {}
+    except Exception:  # noqa: BLE001 - statistics, not the measurement
+        s = {}
+    peak, alloc_us = s.get("allocated_bytes.peak"), s.get("host_alloc_time.total")
+    return {"host_peak_gib": None if peak is None else peak / GIB,
+            "host_alloc_s": None if alloc_us is None else alloc_us / 1e6}
+
+
 def write(stem: str, rows: list[dict], env: dict, a) -> None:
     with open(stem + ".json", "w") as f:
         json.dump(rows, f, indent=1)
@@ -140,17 +176,21 @@ def write(stem: str, rows: list[dict], env: dict, a) -> None:
     lines = [f"# Converted Llama ({a.shape}) fine-tuning: ordinary vs HF checkpointing vs BDIA", "",
              f"GPU {env['gpu']}, torch {env['torch']}, commit {env['commit']}, {env['date']}; bf16 autocast, "
              f"batch 1, fused head+loss in every mode, BDIA gamma0 = {a.gamma0}, BDIA MLP "
-             f"{f'tiles of {a.mlp_chunk} positions' if a.mlp_chunk else 'untiled'}. Step: median of 2 below 128k "
-             "tokens, one step from 128k.", "",
-             "| mode | layers | seq | step s | tokens/s | vs hf_ac | peak GiB | static GiB | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"{f'tiles of {a.mlp_chunk} positions' if a.mlp_chunk else 'untiled'}"
+             f"{', offload (grid tensors and kept bits in pinned host memory)' if a.offload else ''}"
+             f"{', compiled grid step' if a.fuse_grid else ''}. Step: median of 2 below 128k "
+             "tokens, one step from 128k."
+             + (f" {a.resident_layers} layers' weights on the GPU, {a.layers} of them run." if a.resident_layers
+                else ""), "",
+             "| mode | layers | seq | step s | tokens/s | vs hf_ac | peak GiB | static GiB | pinned host GiB | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ac = ok.get(("hf_ac", r["seq"], r["layers"]))
         vs = f"{ac['step_s'] / r['step_s']:.2f}x" if ac and r.get("step_s") else "-"
         fmt = lambda v, s=".2f": "-" if v is None else f"{v:{s}}"  # noqa: E731
         lines.append(f"| {r['mode']} | {r['layers']} | {r['seq']} | {fmt(r.get('step_s'), '.3f')} | "
                      f"{fmt(r.get('tokens_per_s'), '.0f')} | {vs} | {fmt(r.get('peak_gib'))} | "
-                     f"{fmt(r.get('static_gib'))} | {r['status']} {r.get('error') or ''} |")
+                     f"{fmt(r.get('static_gib'))} | {fmt(r.get('host_peak_gib'))} | {r['status']} {r.get('error') or ''} |")
     depths = sorted({r["layers"] for r in rows if r["seq"] == a.slope_seq})
     if len(depths) >= 2:
         lines += ["", "Peak growth per layer per token (slope of peak - static over depth; it includes the extra "

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..engine import _autocast, _autocast_state, _leaf_aliases, _restored_rng, _rng_state, root_edge
-from .grid import check_range, from_grid, step_backward, step_forward, to_grid
+from ..ops.kept_attention import _side_stream
+from .grid import abs_max, check_range, from_grid, step_backward, step_forward, to_grid
 from .wrapping import WrappedLayer, _Stack, layer_arguments
 
 
@@ -70,9 +71,51 @@ def _run_layer(call, x: Tensor, gamma: Tensor | None) -> tuple[Tensor, Tensor]:
         return xg, residual_update(y, xg, gamma)
 
 
+class _Parked:
+    """A grid tensor kept in pinned host memory between its uses (``offload=True``).
+
+    The device-to-host copy runs on a side stream, overlapping the layer's own kernels; the device
+    memory is released once that copy is done (``keep=False``) or held for one ``take`` (``keep=True``:
+    the next layer needs it at once). ``take`` returns a device tensor the caller may overwrite: the
+    held one, or a fresh host-to-device copy. On the CPU the tensor is kept as is and ``take`` clones
+    it, so the bookkeeping is the same (and testable) without a GPU."""
+
+    def __init__(self, t: Tensor, keep: bool = False):
+        self.dev, self.device, self.ready = (t if keep else None), t.device, None
+        if not t.is_cuda:
+            self.host = t
+            return
+        side = _side_stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record(side)
+        t.record_stream(side)  # t's memory is not reused before the copy has read it
+
+    def take(self) -> Tensor:
+        if self.dev is not None:
+            t, self.dev = self.dev, None
+            return t
+        if self.ready is None:
+            return self.host.clone()
+        torch.cuda.current_stream().wait_event(self.ready)
+        return self.host.to(self.device, non_blocking=True)
+
+
+def _park(t: Tensor, offload: bool, keep: bool = False):
+    return _Parked(t, keep) if offload else t
+
+
+def _take(t):
+    return t.take() if isinstance(t, _Parked) else t
+
+
 class _Tape:
-    """The grid pair ``(X_{k+1}, X_k)`` of one run; ``pos`` is the layer ``k``. ``peak``: the largest |x|
-    put on the grid so far in the forward, checked once at the run's end (not a host sync per layer)."""
+    """The grid pair ``(X_{k+1}, X_k)`` of one run (with ``offload``, ``_Parked`` ones); ``pos`` is the layer
+    ``k``. ``peak``: the largest |x| put on the grid so far in the forward, checked once at the run's end
+    (not a host sync per layer)."""
 
     def __init__(self):
         self.pair: tuple[Tensor, Tensor] | None = None
@@ -83,14 +126,15 @@ class _Tape:
 class _BDIAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layer, call, tape, slot, x_prev, x, *params):
-        index, starts, ends, signs, m = slot
+        index, starts, ends, signs, m, offload = slot
         ctx.layer, ctx.call, ctx.tape, ctx.params = layer, call, tape, params
         ctx.index, ctx.starts, ctx.ends, ctx.m, ctx.dtype = index, starts, ends, m, x.dtype
-        ctx.device, ctx.autocast = x.device, _autocast_state(x.device.type)
+        ctx.device, ctx.autocast, ctx.offload = x.device, _autocast_state(x.device.type), offload
         if starts:
-            tape.peak = x.detach().abs().amax().float()
+            tape.peak = abs_max(x.detach())
             X_cur = to_grid(x)
             x = from_grid(X_cur, x.dtype)  # x_0 on the grid
+            X_cur = _park(X_cur, offload)  # not needed again before the next layer's step
         else:
             X_cur, X_prev = tape.pair  # x is from_grid(X_cur): the previous layer returned it
         ctx.rng = _rng_state(x.device)
@@ -99,33 +143,40 @@ class _BDIAFunction(torch.autograd.Function):
         b = b.detach()
         saved = []
         if starts:
-            X_next, peak = to_grid(b), b.abs().amax().float()
+            X_next, peak = to_grid(b), abs_max(b)
         else:
-            # X_prev is the tape's alone (a run's saved pair is its last layer's X_next, X_cur): given up here
-            X_next, packed, peak = step_forward(b, X_prev, signs, m)
+            # X_prev is the tape's alone (a run's saved pair is its last layer's X_next, X_cur): given up here.
+            # Fetched only once b is on the grid, so its copy and to_grid's temporaries do not coexist.
+            X_next, packed, peak = step_forward(b, lambda: _take(X_prev), signs, m)
             del X_prev
-            saved = [signs, packed]
+            saved = [signs, _park(packed, offload)]
         del b
+        out = from_grid(X_next, x.dtype)
+        X_next = _park(X_next, offload)
         tape.peak = torch.maximum(tape.peak, peak)
         tape.pair, tape.pos = (X_next, X_cur), index
         if ends:  # the run's outputs: kept for its backward, which starts here
             check_range(tape.peak)  # the backward's recompute gives the same values: no check there
             saved += [X_next, X_cur]
             tape.pair = None
-        ctx.save_for_backward(*saved)
-        return from_grid(X_next, x.dtype)
+        if offload:
+            ctx.kept = saved   # parked tensors and the signs; nothing for autograd's saved-tensor hooks
+        else:
+            ctx.save_for_backward(*saved)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        tape, saved = ctx.tape, ctx.saved_tensors
+        tape = ctx.tape
+        saved = ctx.kept if ctx.offload else ctx.saved_tensors
         if ctx.ends:
             tape.pair, tape.pos = (saved[-2], saved[-1]), ctx.index
         elif tape.pos != ctx.index:
             raise RuntimeError(f"BDIA backward reached layer {ctx.index} while the tape holds the outputs of layer "
                                f"{tape.pos}: the backward must run from the run's outputs through every layer")
         X_next, X_cur = tape.pair
-        x = from_grid(X_cur, ctx.dtype)
+        x = from_grid(_take(X_cur), ctx.dtype)   # with offload the host copy stays in X_cur for the next pair
         signs = None if ctx.starts else saved[0]
         gamma = None if ctx.starts else gammas(signs, ctx.m, x)
         needed = [p for p, need in zip(ctx.params, ctx.needs_input_grad[6:]) if need]
@@ -143,9 +194,10 @@ class _BDIAFunction(torch.autograd.Function):
             tape.pair, tape.pos = None, None
             return (None, None, None, None, None, dx, *pgrads)
         with torch.no_grad():
-            X_prev = step_backward(bd, X_next, saved[1], signs, ctx.m)
+            X_prev = step_backward(bd, _take(X_next), _take(saved[1]), signs, ctx.m)
             del bd
-        tape.pair, tape.pos = (X_cur, X_prev), ctx.index - 1
+        # the previous layer turns X_prev into its input at once: with offload its device copy is held for that
+        tape.pair, tape.pos = (X_cur, _park(X_prev, ctx.offload, keep=True)), ctx.index - 1
         return (None, None, None, None, dout * gamma.to(dout.dtype), dx, *pgrads)
 
 
@@ -154,11 +206,13 @@ class BDIALayer(WrappedLayer):
 
     Eval or ``torch.no_grad()``: the layer itself, exactly. Training with grad: the BDIA update
     with fresh signs ``γ = ±gamma0`` per sample, keeping only the ``m`` lost bits per element.
+    ``offload``: the grid tensors and the kept bits wait in pinned host memory between their uses.
     """
 
-    def __init__(self, layer: nn.Module, index: int, stack: _Stack, starts: bool, ends: bool, m: int):
+    def __init__(self, layer: nn.Module, index: int, stack: _Stack, starts: bool, ends: bool, m: int,
+                 offload: bool = False):
         super().__init__(index, stack, starts, ends)
-        self.layer, self.m = layer, m
+        self.layer, self.m, self.offload = layer, m, offload
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):
         if not (self.training and torch.is_grad_enabled()):
@@ -170,7 +224,7 @@ class BDIALayer(WrappedLayer):
             run.tape = _Tape()
         signs = None if self.starts else draw_signs(hidden_states.shape[0], hidden_states.device)
         params = [p for p in self.layer.parameters() if p.requires_grad]
-        slot = (self.index, self.starts, self.ends, signs, self.m)
+        slot = (self.index, self.starts, self.ends, signs, self.m, self.offload)
         out = _BDIAFunction.apply(self.layer, _Call(self.layer, args, kwargs), run.tape, slot,
                                   run.prev, hidden_states, *params)
         run.prev = hidden_states
@@ -178,7 +232,7 @@ class BDIALayer(WrappedLayer):
         return out
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, gamma0=1/{2 ** self.m}"
+        return f"{super().extra_repr()}, gamma0=1/{2 ** self.m}" + (", offload" if self.offload else "")
 
 
 class _Call:

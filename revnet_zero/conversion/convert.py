@@ -37,6 +37,7 @@ class ConversionReport:
     gap_rel: float = float("nan")      # ||converted - original|| / ||original||
     mlp_chunk: int | None = None       # positions per MLP tile in training (None: untiled)
     lean_norms: int = 0                # RMSNorm modules given the lean backward (rmsnorm.py)
+    offload: bool = False              # bdia: grid tensors and kept bits in pinned host memory
 
     def __str__(self) -> str:
         lines = [f"convert_to_reversible: {self.model}, coupling={self.coupling!r} ({self.setting}), "
@@ -52,6 +53,8 @@ class ConversionReport:
                          "(same forward bits, analytic backward)")
         if self.mlp_chunk:
             lines.append(f"  MLPs of the reversible layers run in tiles of {self.mlp_chunk} positions in training")
+        if self.offload:
+            lines.append("  training keeps the fixed-point activations and the stored bits in pinned host memory")
         lines.append(f"  conversion gap on {self.compared}: max |diff| {self.gap_max_abs:.3g}, "
                      f"relative {self.gap_rel:.3g}")
         return "\n".join(lines)
@@ -147,7 +150,7 @@ def _default_probe(model: nn.Module) -> Tensor:
 def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_segments: int | None = None, *,
                           gamma0: float = 0.5, scale: float = 0.5, probe: Tensor | None = None,
                           inplace: bool = False, verbose: bool = True,
-                          mlp_chunk_size: int | None = None) -> nn.Module:
+                          mlp_chunk_size: int | None = None, offload: bool = False) -> nn.Module:
     """A Hugging Face decoder model whose training keeps no per-layer activations.
 
     Supported: GPT2Model, GPT2LMHeadModel, LlamaModel, LlamaForCausalLM and models whose decoder
@@ -174,6 +177,13 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
     only one tile of them exists at a time, for one more MLP forward per layer in backward
     (``revnet_zero.conversion.tiling``). Eval and ``torch.no_grad()`` are unaffected.
 
+    ``offload`` ('bdia' only): in training, the two fixed-point activation tensors that BDIA carries
+    from layer to layer (int64, 16 bytes per element) and every layer's stored bits wait in pinned host
+    memory while the layers run; copies to the host overlap the layers' kernels on a side stream, the
+    copies back (after each layer's backward) do not. GPU memory is then the weights plus one layer's
+    working set, whatever the depth; host memory holds ``16 + L·m/8`` bytes per element. For the
+    longest contexts; at short ones the copies cost more than they save.
+
     The gap is measured in eval on ``probe`` (default: 32 random tokens) against the unconverted
     model; the report is printed (``verbose``) and kept as ``model.reversible_report``.
     The model is copied unless ``inplace=True``.
@@ -192,6 +202,11 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
                                             or not isinstance(checkpoint_segments, int) or checkpoint_segments < 0):
         raise ValueError(f"checkpoint_segments must be None or an int >= 0, got {checkpoint_segments!r}")
     m = gamma_bits(gamma0)
+    if not isinstance(offload, bool):
+        raise TypeError(f"offload must be a bool, got {type(offload).__name__}")
+    if offload and coupling != "bdia":
+        raise ValueError(f"offload=True keeps BDIA's grid tensors in host memory; coupling={coupling!r} has none "
+                         "(use coupling='bdia')")
     if mlp_chunk_size is not None:
         check_chunk(mlp_chunk_size)
     if coupling == "affine" and not 0 < scale < 1:
@@ -205,7 +220,7 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
         model = copy.deepcopy(model)
     if coupling == "bdia":
         def make(layer, i, stack, starts, ends, pos):
-            return BDIALayer(layer, i, stack, starts, ends, m)
+            return BDIALayer(layer, i, stack, starts, ends, m, offload)
         setting = f"gamma0=1/{2 ** m}"
     else:
         def make(layer, i, stack, starts, ends, pos):
@@ -219,7 +234,7 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
                               compared=f"{compared}, probe {tuple(probe.shape)}",
                               gap_max_abs=diff.abs().max().item(),
                               gap_rel=(diff.norm() / reference.double().norm().clamp_min(1e-300)).item(),
-                              mlp_chunk=mlp_chunk_size, lean_norms=lean)
+                              mlp_chunk=mlp_chunk_size, lean_norms=lean, offload=offload)
     model.reversible_report = report
     if verbose:
         print(report)

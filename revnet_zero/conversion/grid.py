@@ -13,6 +13,7 @@ function of ``X``: the forward and the backward's rebuild feed the layer the sam
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -109,9 +110,15 @@ FUSE = False
 _FUSED: dict = {}
 
 
+def abs_max(b: Tensor) -> Tensor:
+    """``max |b|`` as a float32 scalar, NaN if any element is NaN, without a temporary the size of ``b``."""
+    lo, hi = torch.aminmax(b)
+    return torch.maximum(hi.float(), -lo.float())
+
+
 def _step_forward(b: Tensor, X_prev: Tensor, signs: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
     A, low = gamma_step(X_prev, signs, m)
-    return to_grid(b) + A, pack_bits(low, m), b.abs().amax().float()
+    return to_grid(b) + A, pack_bits(low, m), abs_max(b)
 
 
 def _step_backward(b: Tensor, X_next: Tensor, packed: Tensor, signs: Tensor, m: int) -> Tensor:
@@ -139,17 +146,23 @@ def _run_fused(fn, m: int, *args):
         return None
 
 
-def step_forward(b: Tensor, X_prev: Tensor, signs: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
+def step_forward(b: Tensor, X_prev: Tensor | Callable[[], Tensor], signs: Tensor,
+                 m: int) -> tuple[Tensor, Tensor, Tensor]:
     """``X_next = to_grid(b) + Q[γ·x_prev]``, the packed bits that drops, and ``max |b|``. Eagerly,
-    ``X_prev`` (which the caller gives up) is shifted in place to save an int64 temporary."""
+    ``X_prev`` (which the caller gives up) is shifted in place to save an int64 temporary. ``X_prev``
+    may be a function giving it: eagerly it is called once ``b`` is on the grid, so a tensor it fetches
+    (from host memory) and ``to_grid``'s temporaries are not alive together."""
+    fetch = X_prev if callable(X_prev) else (lambda: X_prev)
     if FUSE and b.is_cuda:
-        out = _run_fused(_step_forward, m, b, X_prev, signs)
+        X = fetch()
+        out = _run_fused(_step_forward, m, b, X, signs)
         if out is not None:
             return out
+        fetch = lambda: X  # noqa: E731 - fetched once
     X_next = to_grid(b)
-    A, low = gamma_step(X_prev, signs, m, inplace=True)
+    A, low = gamma_step(fetch(), signs, m, inplace=True)
     X_next += A
-    return X_next, pack_bits(low, m), b.abs().amax().float()
+    return X_next, pack_bits(low, m), abs_max(b)
 
 
 def step_backward(b: Tensor, X_next: Tensor, packed: Tensor, signs: Tensor, m: int) -> Tensor:
