@@ -24,6 +24,7 @@ GRAD_TOL = {
     "full_ac": 1e-6,        # the same ops recomputed in the same order: bitwise equal in practice
     "selective_ac": 1e-6,   # as full_ac; the kept matmul/SDPA outputs are the very tensors of forward
     "ac_offload": 1e-6,     # as full_ac; the block inputs make a round trip through host memory, exactly
+    "full_ac:no_early_stop": 1e-6,   # as full_ac; the recompute also runs the ops whose outputs are unused
     "revnet_zero": 1e-5,    # inputs rebuilt by subtraction in fp32 (DESIGN.md: <= 1e-6 per block)
     **{m: 1e-5 for m in policy_modes()},   # as revnet_zero, with some tensors kept instead of recomputed
 }
@@ -74,6 +75,29 @@ def test_pure_modes_and_engine_policies_give_the_loss_and_gradients_of_standard_
         assert r["loss_rel_diff"] <= 1e-6, r
         assert r["max_rel_err"] <= GRAD_TOL[r["mode"]], r
     assert all(p.grad is None for p in tiny.parameters())
+
+
+def test_full_ac_early_stop_skips_each_blocks_last_projection_and_the_diagnostic_mode_does_not(tiny):
+    """torch.utils.checkpoint's early stop: the recompute ends once the last saved tensor is rebuilt,
+    so the FFN's output projection (whose backward needs only its input) never runs again."""
+    ids = random_ids(256, 2, 23, torch.device("cpu"))
+    calls = []
+    hooks = [b.coupling.g.w_out.register_forward_hook(lambda *a: calls.append(1)) for b in tiny.blocks.blocks]
+    try:
+        counts = {}
+        for mode in ("full_ac", "full_ac:no_early_stop"):
+            calls.clear()
+            with apply_mode(tiny, mode):
+                tiny(ids).loss.backward()
+            counts[mode] = len(calls)
+        tiny.zero_grad(set_to_none=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    L = len(tiny.blocks.blocks)
+    assert counts == {"full_ac": L, "full_ac:no_early_stop": 2 * L}
+    rows = compare_grads(tiny, ids, None, ["full_ac:no_early_stop"])
+    assert rows[0]["status"] == "ok" and rows[0]["max_rel_err"] <= GRAD_TOL["full_ac:no_early_stop"], rows
 
 
 def test_apply_mode_swaps_the_stack_and_restores_it_even_after_an_error(tiny):

@@ -15,6 +15,12 @@ everything back on exit:
 | ``memcnn``, ``revlib`` | the blocks' ``f``/``g`` stacked by those libraries (see ``peers.py``) |
 | ``revnet_zero`` | policy ``'recompute'`` everywhere: the library's reversible backward |
 | ``revnet_zero:<policy>`` | any other engine policy (``revnet_zero.engine.POLICIES``) on every block |
+| ``full_ac:no_early_stop`` | ``full_ac`` whose recompute runs each block's whole forward (a diagnostic) |
+
+By default ``torch.utils.checkpoint`` stops a block's recompute as soon as the last tensor its backward
+saved is rebuilt, so it never recomputes a block's final projection and residual add (their backward
+needs only their inputs). A reversible backward must: the block's output is what it inverts.
+``full_ac:no_early_stop`` turns the early stop off, so both recompute exactly one forward.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from ..engine import ReversibleSequence
 PURE_MODES = ("standard", "full_ac", "selective_ac", "ac_offload", "revnet_zero")
 PEER_MODES = ("memcnn", "revlib")
 MODES = PURE_MODES + PEER_MODES
+DIAGNOSTIC_MODES = ("full_ac:no_early_stop",)
 
 
 def policy_modes() -> list[str]:
@@ -59,9 +66,10 @@ class CheckpointedStack(nn.Module):
     checkpoints keep (each block's two input streams, ``[B, S, D]`` each) live in pinned host memory.
     """
 
-    def __init__(self, seq: ReversibleSequence, selective: bool = False, offload: bool = False):
+    def __init__(self, seq: ReversibleSequence, selective: bool = False, offload: bool = False,
+                 early_stop: bool = True):
         super().__init__()
-        self.seq, self.selective, self.offload = seq, selective, offload
+        self.seq, self.selective, self.offload, self.early_stop = seq, selective, offload, early_stop
         ops = _sac_ops() if selective else None
         self._context_fn = functools.partial(create_selective_checkpoint_contexts, ops) if selective else None
 
@@ -69,7 +77,7 @@ class CheckpointedStack(nn.Module):
         x1, x2 = _stream_inputs(self.seq, x1, x2)
         extra = {"context_fn": self._context_fn} if self._context_fn is not None else {}
         offload = torch.autograd.graph.save_on_cpu(pin_memory=True) if self.offload else contextlib.nullcontext()
-        with offload:
+        with offload, torch.utils.checkpoint.set_checkpoint_early_stop(self.early_stop):
             for block in self.seq.blocks:
                 x1, x2 = checkpoint(block, x1, x2, use_reentrant=False, **extra, **kwargs)
         return x1, x2
@@ -107,14 +115,16 @@ def _policy_of(mode: str) -> str | None:
 
 
 def check_mode(mode: str) -> None:
-    if mode not in MODES and not mode.startswith("revnet_zero:"):
-        raise ValueError(f"unknown benchmark mode {mode!r}; expected one of {MODES} or 'revnet_zero:<policy>'")
+    if mode not in MODES + DIAGNOSTIC_MODES and not mode.startswith("revnet_zero:"):
+        raise ValueError(f"unknown benchmark mode {mode!r}; expected one of {MODES + DIAGNOSTIC_MODES} "
+                         "or 'revnet_zero:<policy>'")
     _policy_of(mode)
 
 
 def _wrapper(mode: str, seq: ReversibleSequence) -> nn.Module:
-    if mode in ("full_ac", "selective_ac", "ac_offload"):
-        return CheckpointedStack(seq, selective=mode == "selective_ac", offload=mode == "ac_offload")
+    if mode in ("full_ac", "selective_ac", "ac_offload", "full_ac:no_early_stop"):
+        return CheckpointedStack(seq, selective=mode == "selective_ac", offload=mode == "ac_offload",
+                                 early_stop=mode != "full_ac:no_early_stop")
     from . import peers  # imported lazily: memcnn and revlib are optional
     return peers.MemcnnStack(seq) if mode == "memcnn" else peers.RevlibStack(seq)
 
