@@ -11,6 +11,7 @@ Tolerances:
 * 'additive'/'affine' against the engine's own plain-autograd policy ('store'): relative error
   <= 1e-5, since their inverse subtracts in floating point and 'affine' divides by its scale.
 """
+import contextlib
 import copy
 import weakref
 
@@ -421,6 +422,41 @@ def test_peft_lora_adapters():
     assert max(rel_err(grads[n], ref_grads[n]) for n in grads) <= 1e-6
 
 
+def test_lora_adapters_share_their_input_under_autocast(monkeypatch):
+    """peft keeps adapters in float32 on a bf16 model and casts each adapter's input to float32, which
+    bf16 autocast casts straight back: the converted layers skip the first cast (no bit changes), so
+    q/k/v's adapters share one saved normed input and o's adapter the saved attention output, instead
+    of a bf16 copy each: three copies fewer per layer and per run of it (forward and recompute)."""
+    peft = pytest.importorskip("peft", reason="peft is not installed here")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(llama_config(dropout=0.0)).to(torch.bfloat16)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0,
+                             init_lora_weights=False)
+    model = peft.get_peft_model(convert_to_reversible(base, verbose=False), config)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+    x, storages, real_pack = ids(), {}, bdia_module._pack
+
+    def pack(t):   # distinct storages the converted layers' graphs save (held, so no address is reused)
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st
+        return real_pack(t)
+
+    def step():
+        storages.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, grads = train_step(model, x, labels=False)
+        return loss, grads, sum(st.nbytes() for st in storages.values())
+
+    monkeypatch.setattr(bdia_module, "_pack", pack)
+    loss, grads, shared = step()
+    monkeypatch.setattr(bdia_module, "_adapter_input_casts_off", lambda layer, device_type: contextlib.nullcontext())
+    loss_cast, grads_cast, copies = step()
+    assert torch.equal(loss, loss_cast) and all(torch.equal(grads[n], grads_cast[n]) for n in grads)
+    B, S = x.shape
+    layers, D = 3, 64
+    assert copies - shared == 2 * layers * 3 * B * S * D * 2, (copies, shared)
+
+
 # ---------------------------------------------------------------- offload: grid tensors in host memory
 
 @pytest.mark.parametrize("name", ["GPT2LMHeadModel", "LlamaForCausalLM"])
@@ -453,7 +489,8 @@ def test_offload_backward_twice_with_retained_graph():
 
 def test_offload_parks_each_grid_tensor_once_per_layer(monkeypatch):
     """What waits in host memory: in forward, X_0 and every layer's output X_{k+1} and its packed bits;
-    in backward, every rebuilt X_{k-1} (held on the device for the next layer's one use)."""
+    in backward, each layer's recomputed output b during the layer's backward, and every rebuilt
+    X_{k-1} (held on the device for the next layer's one use)."""
     torch.manual_seed(0)
     converted = convert_to_reversible(GPT2LMHeadModel(gpt2_config(layers=4)), gamma0=1 / 8, verbose=False,
                                       offload=True)
@@ -467,7 +504,7 @@ def test_offload_parks_each_grid_tensor_once_per_layer(monkeypatch):
     monkeypatch.setattr(bdia_module, "_Parked", Recording)
     train_step(converted, ids())
     forward = [(torch.int64, False)] * 5 + [(torch.uint8, False)] * 3   # X_0..X_4, bits of layers 1..3
-    backward = [(torch.int64, True)] * 3                                # X_2, X_1, X_0
+    backward = [(torch.float32, False), (torch.int64, True)] * 3       # b_3, X_2, b_2, X_1, b_1, X_0
     assert sorted(parked[:8], key=str) == sorted(forward, key=str) and parked[8:] == backward
 
 

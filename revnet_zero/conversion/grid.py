@@ -165,10 +165,15 @@ def step_forward(b: Tensor, X_prev: Tensor | Callable[[], Tensor], signs: Tensor
     return X_next, pack_bits(low, m), abs_max(b)
 
 
-def step_backward(b: Tensor, X_next: Tensor, packed: Tensor, signs: Tensor, m: int) -> Tensor:
-    """``X_prev`` from ``X_next``, the layer's recomputed ``b`` and the stored bits: exact."""
+def step_backward(b: Tensor, X_next: Tensor, packed: Tensor, signs: Tensor, m: int,
+                  overwrite: bool = False) -> Tensor:
+    """``X_prev`` from ``X_next``, the layer's recomputed ``b`` and the stored bits: exact.
+    ``overwrite``: ``X_prev`` may be computed in ``X_next``'s memory (eagerly: one int64 temporary less)."""
     if FUSE and b.is_cuda:
         out = _run_fused(_step_backward, m, b, X_next, packed, signs)
         if out is not None:
             return out
-    return _step_backward(b, X_next, packed, signs, m)
+    if not overwrite:
+        return _step_backward(b, X_next, packed, signs, m)
+    low = unpack_bits(packed, m, X_next.shape)
+    return gamma_unstep(X_next.sub_(to_grid(b)), low, signs, m, inplace=True)
