@@ -508,6 +508,33 @@ def test_offload_parks_each_grid_tensor_once_per_layer(monkeypatch):
     assert sorted(parked[:8], key=str) == sorted(forward, key=str) and parked[8:] == backward
 
 
+def test_offload_holds_at_most_the_pair_the_bits_and_one_layer_output_in_host_memory(monkeypatch):
+    """Host memory is the budget offload spends: at no time more than two int64 grid tensors, every
+    layer's packed bits and one recomputed layer output are parked (a parked tensor no one can use again
+    is dropped at once, the run's saved outputs included once the backward has taken them)."""
+    torch.manual_seed(0)
+    L, B, S, D, m = 5, 2, 19, 64, 3
+    converted = convert_to_reversible(GPT2LMHeadModel(gpt2_config(layers=L)), gamma0=1 / 8, verbose=False,
+                                      offload=True)
+    live = {"now": 0, "peak": 0}
+
+    class Counted(bdia_module._Parked):
+        def __init__(self, t, keep=False):
+            super().__init__(t, keep)
+            self.host = t.clone()   # a storage of its own, as a host copy has
+            n = t.numel() * t.element_size()
+            live["now"] += n
+            live["peak"] = max(live["peak"], live["now"])
+            weakref.finalize(self, lambda: live.__setitem__("now", live["now"] - n))
+
+    monkeypatch.setattr(bdia_module, "_Parked", Counted)
+    train_step(converted, ids(B, S))
+    X, bits, b = B * S * D * 8, -(-B * S * D // 8) * m, B * S * D * 4
+    assert live["now"] == 0
+    assert live["peak"] <= 2 * X + (L - 1) * bits + b, (live["peak"], X, bits, b)
+    assert live["peak"] >= 2 * X + (L - 1) * bits   # the pair and all bits, at the start of the backward
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory, streams)")
 def test_offload_on_cuda_same_bits_less_memory(monkeypatch):
     """On the GPU the copies run on a side stream: the rebuilt activations stay bitwise the forward's and

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..engine import _autocast, _autocast_state, _leaf_aliases, _restored_rng, _rng_state, root_edge
+from ..engine import (_autocast, _autocast_state, _keep_graph, _leaf_aliases, _restored_rng, _rng_state,
+                      root_edge)
 from ..ops.kept_attention import _side_stream
 from .grid import abs_max, check_range, from_grid, step_backward, step_forward, to_grid
 from .wrapping import WrappedLayer, _Stack, layer_arguments
@@ -139,6 +140,7 @@ class _BDIAFunction(torch.autograd.Function):
             X_cur = _park(X_cur, offload)  # not needed again before the next layer's step
         else:
             X_cur, X_prev = tape.pair  # x is from_grid(X_cur): the previous layer returned it
+            tape.pair = None           # X_prev is ours alone now: freed as soon as it is used
         ctx.rng = _rng_state(x.device)
         gamma = None if starts else gammas(signs, m, x)
         _, b = _run_layer(call, x, gamma)
@@ -172,6 +174,8 @@ class _BDIAFunction(torch.autograd.Function):
     def backward(ctx, dout):
         tape = ctx.tape
         saved = ctx.kept if ctx.offload else ctx.saved_tensors
+        if ctx.offload and not _keep_graph():
+            ctx.kept = None   # autograd frees saved tensors after a backward; parked ones are freed here
         if ctx.ends:
             tape.pair, tape.pos = (saved[-2], saved[-1]), ctx.index
         elif tape.pos != ctx.index:
@@ -199,7 +203,8 @@ class _BDIAFunction(torch.autograd.Function):
         with torch.no_grad():
             # with offload, X_next is a fresh copy from host memory: X_prev may overwrite it
             X_prev = step_backward(_take(bd), _take(X_next), _take(saved[1]), signs, ctx.m, overwrite=ctx.offload)
-            del bd
+            del bd, X_next, saved   # X_next's host copy too, before X_prev's is made
+            tape.pair = None
         # the previous layer turns X_prev into its input at once: with offload its device copy is held for that
         tape.pair, tape.pos = (X_cur, _park(X_prev, ctx.offload, keep=True)), ctx.index - 1
         return (None, None, None, None, dout * gamma.to(dout.dtype), dx, *pgrads)
