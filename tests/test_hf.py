@@ -20,6 +20,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
 
 from revnet_zero.hf import RevNetZeroConfig, RevNetZeroForCausalLM  # noqa: E402
+from revnet_zero.hf.modeling import CACHE_FIELD  # noqa: E402
 from revnet_zero.models import ReversibleGPT, TransformerConfig  # noqa: E402
 
 V = 61
@@ -121,10 +122,28 @@ def test_cached_steps_match_full_forward():
         out = model(x[:, :8], use_cache=True)
         logits = [out.logits]
         for t in range(8, 11):
-            out = model(x[:, t:t + 1], past_key_values=out.past_key_values)
+            out = model(x[:, t:t + 1], past_key_values=getattr(out, CACHE_FIELD))
             logits.append(out.logits)
-    assert out.past_key_values.get_seq_length() == 11
+    assert getattr(out, CACHE_FIELD).get_seq_length() == 11
     assert rel(torch.cat(logits, dim=1), full) < 1e-5
+
+
+def test_generate_feeds_one_new_token_per_step(monkeypatch):
+    """generate() and the model share one cache (passed as ``cache`` from transformers 5.24, as
+    ``past_key_values`` before): after the prompt each call gets one token and a cache that holds every
+    position before it."""
+    model = tiny().eval()
+    seen, forward = [], RevNetZeroForCausalLM.forward
+
+    def recording(self, input_ids, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        seen.append((input_ids.shape[1], None if cache is None else cache.get_seq_length()))
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(RevNetZeroForCausalLM, "forward", recording)
+    model.generate(ids(S=5), max_new_tokens=4, do_sample=False)
+    assert [w for w, _ in seen] == [5, 1, 1, 1], seen
+    assert [c for _, c in seen][1:] == [5, 6, 7], seen
 
 
 def test_cached_decoding_refuses_padding_labels_and_static_caches():

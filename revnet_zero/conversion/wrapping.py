@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-_CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past")
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # "cache": transformers >= 5.24
 
 
 class _Stack:

@@ -18,6 +18,8 @@ from ..models.reversible_gpt import ReversibleGPT
 from .configuration import RevNetZeroConfig
 
 UNSUPPORTED = ("inputs_embeds", "output_attentions", "output_hidden_states")
+# transformers 5.24 renamed the KV cache argument and output field from ``past_key_values`` to ``cache``
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class RevNetZeroForCausalLM(PreTrainedModel, GenerationMixin):
@@ -80,6 +82,10 @@ class RevNetZeroForCausalLM(PreTrainedModel, GenerationMixin):
         for name in UNSUPPORTED:
             if kwargs.get(name) is not None and kwargs[name] is not False:
                 raise ValueError(f"RevNetZeroForCausalLM does not support {name}")
+        if kwargs.get("cache") is not None:   # the name generate() uses from transformers 5.24
+            if past_key_values is not None and past_key_values is not kwargs["cache"]:
+                raise ValueError("pass the KV cache as cache or as past_key_values, not two different ones")
+            past_key_values = kwargs["cache"]
         if past_key_values is not None or use_cache:
             if labels is not None:
                 raise ValueError("labels with a KV cache: the cached path is for decoding and has no loss; "
@@ -100,7 +106,7 @@ class RevNetZeroForCausalLM(PreTrainedModel, GenerationMixin):
         m = self.model
         caches = [_CacheLayer(cache, i) for i in range(len(m.blocks.blocks))]
         h = m.cached_hidden_states(input_ids, caches)[:, _positions(logits_to_keep)]
-        return CausalLMOutputWithPast(logits=m.head(h), past_key_values=cache)
+        return CausalLMOutputWithPast(logits=m.head(h), **{CACHE_FIELD: cache})
 
     def _check_decode_inputs(self, input_ids: Tensor, attention_mask: Tensor | None, cache: Cache) -> None:
         if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
