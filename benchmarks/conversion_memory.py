@@ -27,7 +27,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from revnet_zero import convert_to_reversible  # noqa: E402
-from revnet_zero.benchmarks.measure import environment, free_memory, gpu_slug, measure_step, random_ids  # noqa: E402
+from revnet_zero.benchmarks.measure import cap_memory, environment, free_memory, gpu_slug, measure_step, random_ids  # noqa: E402
 from revnet_zero.benchmarks.sdpa import sdpa_context  # noqa: E402
 from revnet_zero.ops.loss import fused_linear_cross_entropy  # noqa: E402
 
@@ -102,12 +102,15 @@ def main(argv=None) -> None:
     p.add_argument("--resident-layers", type=int, default=None,
                    help="build this many layers, run --layers of them, keep the rest's weights on the GPU")
     p.add_argument("--fuse-grid", action="store_true", help="bdia: the compiled grid step (grid.FUSE)")
+    p.add_argument("--memory-cap-gib", type=float, default=None,
+                   help="let PyTorch use at most this much GPU memory (78.4 stands in for an 80 GB H100)")
     p.add_argument("--sdpa", default="cudnn")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--topic", default=None)
     a = p.parse_args(argv)
     dev = torch.device("cuda")
+    cap_memory(dev, a.memory_cap_gib)
     if a.fuse_grid:
         from revnet_zero.conversion import grid
         grid.FUSE = True
@@ -173,8 +176,9 @@ def write(stem: str, rows: list[dict], env: dict, a) -> None:
     with open(stem + ".json", "w") as f:
         json.dump(rows, f, indent=1)
     ok = {(r["mode"], r["seq"], r["layers"]): r for r in rows if r["status"] == "ok"}
+    cap = f" (PyTorch capped at {env['memory_cap_gib']} GiB)" if env.get("memory_cap_gib") else ""
     lines = [f"# Converted Llama ({a.shape}) fine-tuning: ordinary vs HF checkpointing vs BDIA", "",
-             f"GPU {env['gpu']}, torch {env['torch']}, commit {env['commit']}, {env['date']}; bf16 autocast, "
+             f"GPU {env['gpu']}{cap}, torch {env['torch']}, commit {env['commit']}, {env['date']}; bf16 autocast, "
              f"batch 1, fused head+loss in every mode, BDIA gamma0 = {a.gamma0}, BDIA MLP "
              f"{f'tiles of {a.mlp_chunk} positions' if a.mlp_chunk else 'untiled'}"
              f"{', offload (grid tensors and kept bits in pinned host memory)' if a.offload else ''}"

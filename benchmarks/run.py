@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, default=540, help="own time budget, from process start")
     p.add_argument("--device", default=None, help="cuda (default if available) or cpu")
     p.add_argument("--commit", default=None, help="commit to record (the GPU machine's copy has no .git)")
+    p.add_argument("--memory-cap-gib", type=float, default=None,
+                   help="let PyTorch use at most this much GPU memory (78.4 stands in for an 80 GB H100)")
     p.add_argument("--alloc-conf", default="expandable_segments:True",
                    help="PYTORCH_CUDA_ALLOC_CONF if unset ('' leaves PyTorch's default)")
     return p.parse_args(argv)

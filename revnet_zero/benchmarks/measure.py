@@ -44,9 +44,30 @@ def gpu_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", s).strip("-") or "unknown"
 
 
+_MEMORY_CAP: dict[str, float] = {}
+
+
+def cap_memory(device: torch.device, gib: float | None) -> None:
+    """Let PyTorch's allocator use at most ``gib`` GiB of ``device`` (``set_per_process_memory_fraction``),
+    so a larger card stands in for a smaller one: an allocation past the cap fails with the usual
+    out-of-memory error. Rows record the cap (``memory_cap_gib``). For an 80 GB H100 use 78.4: its
+    79.18 GiB total less the ~0.75 GiB its CUDA context and libraries held outside the allocator
+    (read off an out-of-memory message on that card)."""
+    if gib is None:
+        return
+    if device.type != "cuda":
+        raise ValueError(f"a memory cap needs a CUDA device, got {device}")
+    total = torch.cuda.get_device_properties(device).total_memory / GIB
+    if not 0 < gib <= total:
+        raise ValueError(f"memory cap must be in (0, {total:.2f}] GiB (this card's total), got {gib}")
+    torch.cuda.set_per_process_memory_fraction(gib / total, device)
+    _MEMORY_CAP[str(device)] = gib
+
+
 def environment(device: torch.device, commit: str | None = None) -> dict:
     """Facts that go with every row."""
     return {
+        "memory_cap_gib": _MEMORY_CAP.get(str(device)),
         "gpu": device_name(device),
         "torch": torch.__version__,
         "cuda": torch.version.cuda if device.type == "cuda" else None,

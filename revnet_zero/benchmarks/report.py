@@ -132,7 +132,7 @@ def to_markdown(results: dict, title: str) -> str:
 
 
 def header(rows: list[dict], title: str) -> str:
-    keys = ("gpu", "torch", "cuda", "commit", "date", "amp", "optimizer", "alloc_conf")
+    keys = ("gpu", "torch", "cuda", "commit", "date", "amp", "optimizer", "alloc_conf", "memory_cap_gib")
     facts = {k: sorted({str(r[k]) for r in rows if k in r}) for k in keys}
     return "\n".join([f"# {title}", ""] + [f"- {k}: {', '.join(v)}" for k, v in facts.items() if v])
 

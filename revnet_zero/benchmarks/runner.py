@@ -9,7 +9,7 @@ import torch
 
 from . import report
 from .gradcheck import compare_grads
-from .measure import environment, free_memory, gpu_slug, random_ids
+from .measure import cap_memory, environment, free_memory, gpu_slug, random_ids
 from .modes import PURE_MODES, all_modes, check_mode, policy_modes
 from .sdpa import BACKENDS, fastest_backend, sdpa_context, time_sdpa
 from .suite import BenchmarkSuite
@@ -169,6 +169,7 @@ def _depth(config: str, layers: int | None) -> int:
 
 def main(args, deadline: float) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cap_memory(device, getattr(args, "memory_cap_gib", None))
     run = Run(args, device, deadline)
     sdpa = choose_sdpa(run)
     layers_list = _ints(args.layers) if args.layers else [None]
