@@ -249,6 +249,23 @@ def test_kept_bytes_measure_gives_the_known_answers(monkeypatch):
     assert cm.kept_per_layer("1b", "bdia", lengths=(16, 32)) == 24
 
 
+def test_reversible_step_computes_one_forward_more_than_standard_and_full_ac_a_little_less():
+    """The counts behind recompute_flops_*.md, on the tiny preset: the reversible backward evaluates each
+    sub-function once (the FLOPs of checkpointing without its early stop), and
+    checkpointing's early stop skips each block's FFN output projection (2 * d_ff * d FLOPs a token)."""
+    rf = _script("recompute_flops")
+    cfg = TransformerConfig.preset("tiny")
+    L, S = 2, 64
+    flops = {m: rf.count("tiny", L, S, m)["flops"] for m in
+             ("standard", "full_ac", "full_ac:no_early_stop", "revnet_zero")}
+    assert flops["revnet_zero"] == flops["full_ac:no_early_stop"]
+    w_out = 2 * cfg.d_ff * cfg.d_model * S
+    assert flops["full_ac:no_early_stop"] - flops["full_ac"] == L * w_out
+    counts = {(d, s): rf.count("tiny", d, s, "standard") for d in (1, 2) for s in (32, 64)}
+    f = rf.fit(counts, (1, 2), (32, 64), "flops", "quad")
+    assert rf.at(f, L, S) == pytest.approx(flops["standard"], rel=1e-12)
+
+
 def test_memory_breakdown_counts_what_is_alive():
     """The tracer behind the GPU breakdown logs: a tensor counts from its op until its last Python
     reference dies; views do not count twice."""
