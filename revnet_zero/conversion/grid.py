@@ -102,9 +102,11 @@ def gamma_unstep(A: Tensor, low: Tensor, signs: Tensor, m: int, inplace: bool = 
 # pack; and back), which at 8k tokens cost about as much as the layer's own kernels. On CUDA the two
 # functions below can be compiled (torch.compile) into a few fused kernels. They hold only integer
 # arithmetic, exact float scaling and round-half-even, so compiled and eager results are the same bits
-# (tests/test_gpu.py checks it, and on CPU the compiled graph was checked bitwise). Opt-in for now:
-# ``revnet_zero.conversion.grid.FUSE = True``. Not yet validated on a GPU: two attempts in torch 2.11
-# failed to trace (a shift by a symbolic int, now a constant); a failed compile warns and runs eagerly.
+# (tests/test_gpu.py checks it on CUDA; tests/test_conversion.py compiles the same graphs for the CPU
+# and checks them bitwise). Opt-in for now: ``revnet_zero.conversion.grid.FUSE = True``. Not yet
+# validated on a GPU: two attempts in torch 2.11 failed (a shift by a symbolic int, now a constant;
+# and, found later on CPU, Dynamo's recompile limit, see RECOMPILE_LIMIT); a failed compile warns and
+# runs eagerly.
 
 FUSE = False
 _FUSED: dict = {}
@@ -134,11 +136,18 @@ def _fused(fn, m: int):
     return _FUSED[fn, m]
 
 
+# Every (step, m, dtype) compiles the one lambda above: Dynamo counts them all against the recompile
+# limit of that code object (8 by default), and with fullgraph=True the ninth fails instead of running
+# eagerly. 3 values of m x 2 steps x 2 dtypes x (static, then dynamic shapes) stay under this.
+RECOMPILE_LIMIT = 32
+
+
 def _run_fused(fn, m: int, *args):
     """The compiled step; if compiling fails, warn once and run eagerly from then on (same bits)."""
     global FUSE
     try:
-        return _fused(fn, m)(*args)
+        with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
+            return _fused(fn, m)(*args)
     except Exception as e:  # noqa: BLE001 - any compiler failure: the eager step is exact too
         FUSE = False
         warnings.warn(f"revnet_zero: compiling the BDIA grid step failed ({type(e).__name__}: {str(e)[:200]}); "
