@@ -256,8 +256,69 @@ def main_kept(argv=None) -> None:
     print("\n".join(lines))
 
 
+def main_counts(argv=None) -> None:
+    """``python benchmarks/conversion_memory.py counts --shape 1b``: FLOPs and elementwise bytes per layer
+    per token of one training step, Hugging Face checkpointing vs BDIA, counted on CPU
+    (``recompute_flops.Counts``, fitted over 1-2 layers and two lengths)."""
+    import recompute_flops as rf
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="1b", choices=sorted(SHAPES))
+    p.add_argument("--lengths", default="512,1024")
+    p.add_argument("--gamma0", type=float, default=0.125)
+    p.add_argument("--out", default="benchmarks/results")
+    a = p.parse_args(argv)
+    env = environment(torch.device("cpu"))
+    lengths, depths = tuple(int(x) for x in a.lengths.split(",")), (1, 2)
+    fits, ops = {}, {}
+    for mode in ("hf_ac", "bdia"):
+        c = {}
+        for layers in depths:
+            for seq in lengths:
+                model = build(a.shape, layers, seq, mode, a.gamma0, torch.device("cpu"))
+                ids = random_ids(model.lm.config.vocab_size, 1, seq, torch.device("cpu"))
+                counts = rf.Counts()
+                with counts:
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        loss = model(ids)
+                    loss.backward()
+                c[layers, seq] = {"flops": sum(counts.flops.values()), "other_bytes": sum(counts.other_bytes.values()),
+                                  **{f"op:{k}": v for k, v in counts.other_bytes.items()}}
+                del model, loss
+        fits[mode] = {"flops": rf.fit(c, depths, lengths, "flops", "quad"),
+                      "other_bytes": rf.fit(c, depths, lengths, "other_bytes", "const")}
+        names = {k for v in c.values() for k in v if k.startswith("op:")}
+        for v in c.values():
+            for k in names:
+                v.setdefault(k, 0)
+        ops[mode] = {k[3:]: rf.fit(c, depths, lengths, k, "const")["lin"] for k in names}
+    d = SHAPES[a.shape]["hidden_size"]
+    h, b = fits["hf_ac"], fits["bdia"]
+    lines = [f"# Work per layer per token of one training step, converted Llama ({a.shape}, d={d}): HF checkpointing vs BDIA",
+             "", f"Counted on CPU (torch {env['torch']}, commit {env['commit']}, {env['date']}): FLOPs "
+             "(`torch.utils.flop_counter`, matmuls and attention) and the bytes every other op reads and writes, "
+             f"bf16 autocast, float32 weights, BDIA gamma0 = {a.gamma0}; fitted over 1 and 2 layers and {lengths} "
+             "tokens (the per-layer linear part: per token, independent of the length). "
+             f"`python benchmarks/conversion_memory.py counts --shape {a.shape}`.", "",
+             "| | hf_ac | bdia | bdia - hf_ac |", "|---|---|---|---|",
+             f"| matmul MFLOP / layer / token | {h['flops']['lin'] / 1e6:.1f} | {b['flops']['lin'] / 1e6:.1f} | "
+             f"{(b['flops']['lin'] - h['flops']['lin']) / 1e6:+.1f} |",
+             f"| elementwise KiB / layer / token | {h['other_bytes']['lin'] / 1024:.0f} | "
+             f"{b['other_bytes']['lin'] / 1024:.0f} | {(b['other_bytes']['lin'] - h['other_bytes']['lin']) / 1024:+.0f} |",
+             "", "Elementwise ops that differ most (KiB / layer / token):", "", "| op | hf_ac | bdia |", "|---|---|---|"]
+    names = sorted(set(ops["hf_ac"]) | set(ops["bdia"]), key=lambda k: -(ops["bdia"].get(k, 0) - ops["hf_ac"].get(k, 0)))
+    for k in names[:15]:
+        lines.append(f"| {k} | {ops['hf_ac'].get(k, 0) / 1024:.1f} | {ops['bdia'].get(k, 0) / 1024:.1f} |")
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, f"conversion_counts_{a.shape}_cpu_{env['date']}.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["kept"]:
         main_kept(sys.argv[2:])
+    elif sys.argv[1:2] == ["counts"]:
+        main_counts(sys.argv[2:])
     else:
         main()
