@@ -249,9 +249,12 @@ def main_kept(argv=None) -> None:
              "element).", "", "| mode | bytes / layer / token | vs hf_ac |", "|---|---|---|"]
     for mode, b in rows.items():
         lines.append(f"| {mode} | {b:,.0f} | {b / rows['hf_ac']:.3f} |")
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"conversion_kept_{a.shape}_cpu_{env['date']}.md")
-    with open(path, "w") as f:
+    _write_cpu_table(a.out, f"conversion_kept_{a.shape}_cpu_{env['date']}.md", lines)
+
+
+def _write_cpu_table(out: str, name: str, lines: list[str]) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, name), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -308,11 +311,7 @@ def main_counts(argv=None) -> None:
     names = sorted(set(ops["hf_ac"]) | set(ops["bdia"]), key=lambda k: -(ops["bdia"].get(k, 0) - ops["hf_ac"].get(k, 0)))
     for k in names[:15]:
         lines.append(f"| {k} | {ops['hf_ac'].get(k, 0) / 1024:.1f} | {ops['bdia'].get(k, 0) / 1024:.1f} |")
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"conversion_counts_{a.shape}_cpu_{env['date']}.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _write_cpu_table(a.out, f"conversion_counts_{a.shape}_cpu_{env['date']}.md", lines)
 
 
 if __name__ == "__main__":
