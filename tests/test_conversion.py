@@ -241,6 +241,32 @@ def test_compiled_grid_step_is_the_eager_one_for_every_gamma_and_dtype():
                     assert torch.equal(back, X_prev), (m, dtype, S)
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_bdia_training_with_the_compiled_grid_step_changes_no_bit(monkeypatch, offload):
+    """The compiled step inside real training (forward, backward, offload's in-place reuse of X_next): the
+    same loss and gradients, bitwise, as the eager step. Compiled for the CPU here; CUDA is where it is
+    meant to run (tests/test_gpu.py)."""
+    from revnet_zero.conversion import grid
+    torch.manual_seed(0)
+    original = LlamaForCausalLM(llama_config(dropout=0.0))
+    x = ids()
+    results, calls, run_fused = [], [], grid._run_fused
+    monkeypatch.setattr(grid, "_run_fused", lambda *a: (calls.append(a[0].__name__), run_fused(*a))[1])
+    for fuse in (False, True):
+        monkeypatch.setattr(grid, "FUSE", fuse)
+        monkeypatch.setattr(grid, "FUSE_DEVICES", ("cuda", "cpu"))
+        converted = convert_to_reversible(original, verbose=False, offload=offload)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)   # a fallback to eager fails the test
+            results.append(train_step(converted, x))
+        assert grid.FUSE == fuse
+    (loss, grads), (fused_loss, fused_grads) = results
+    layers = llama_config().num_hidden_layers   # the first layer of a run has no grid step
+    assert sorted(calls) == sorted(["_step_forward", "_step_backward"] * (layers - 1)), calls
+    assert torch.equal(loss, fused_loss)
+    assert all(torch.equal(grads[n], fused_grads[n]) for n in grads)
+
+
 def test_grid_steps_invert_exactly():
     g = torch.Generator().manual_seed(0)
     X = torch.randint(-2 ** 60, 2 ** 60, (3, 7, 5), generator=g)

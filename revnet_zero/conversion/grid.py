@@ -109,6 +109,7 @@ def gamma_unstep(A: Tensor, low: Tensor, signs: Tensor, m: int, inplace: bool = 
 # runs eagerly.
 
 FUSE = False
+FUSE_DEVICES = ("cuda",)   # where FUSE applies; tests add "cpu" (inductor's C++ back end) to run it there
 _FUSED: dict = {}
 
 
@@ -162,7 +163,7 @@ def step_forward(b: Tensor, X_prev: Tensor | Callable[[], Tensor], signs: Tensor
     may be a function giving it: eagerly it is called once ``b`` is on the grid, so a tensor it fetches
     (from host memory) and ``to_grid``'s temporaries are not alive together."""
     fetch = X_prev if callable(X_prev) else (lambda: X_prev)
-    if FUSE and b.is_cuda:
+    if FUSE and b.device.type in FUSE_DEVICES:
         X = fetch()
         out = _run_fused(_step_forward, m, b, X, signs)
         if out is not None:
@@ -178,7 +179,7 @@ def step_backward(b: Tensor, X_next: Tensor, packed: Tensor, signs: Tensor, m: i
                   overwrite: bool = False) -> Tensor:
     """``X_prev`` from ``X_next``, the layer's recomputed ``b`` and the stored bits: exact.
     ``overwrite``: ``X_prev`` may be computed in ``X_next``'s memory (eagerly: one int64 temporary less)."""
-    if FUSE and b.is_cuda:
+    if FUSE and b.device.type in FUSE_DEVICES:
         out = _run_fused(_step_backward, m, b, X_next, packed, signs)
         if out is not None:
             return out
