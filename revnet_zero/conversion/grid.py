@@ -73,9 +73,15 @@ def unpack_bits(packed: Tensor, m: int, shape: torch.Size) -> Tensor:
     word = bytes_[:, 0].to(torch.int32)
     for i in range(1, m):
         word |= bytes_[:, i].to(torch.int32) << (8 * i)
-    r = torch.empty(word.numel(), 8, dtype=torch.uint8, device=packed.device)
-    for j in range(8):
-        r[:, j] = (word >> (m * j)) & ((1 << m) - 1)
+    if torch.compiler.is_compiling():
+        # one broadcast shift for the eight fields: the eight strided writes below compile to a loop that
+        # ran 40x slower on CPU (inductor, torch 2.13), while eagerly they are the faster form there
+        shifts = torch.arange(0, 8 * m, m, dtype=torch.int32, device=packed.device)
+        r = (word.unsqueeze(1) >> shifts).to(torch.uint8).bitwise_and_((1 << m) - 1)
+    else:
+        r = torch.empty(word.numel(), 8, dtype=torch.uint8, device=packed.device)
+        for j in range(8):
+            r[:, j] = (word >> (m * j)) & ((1 << m) - 1)
     return r.view(-1)[:shape.numel()].view(shape)
 
 
