@@ -71,7 +71,10 @@ def build(shape: str, layers: int, seq: int, mode: str, gamma0: float, device: t
     model.config.num_hidden_layers = layers
     model.config.use_cache = False
     if mode == "hf_ac":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):   # transformers >= 5.24's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif mode == "bdia":
         model = convert_to_reversible(model, gamma0=gamma0, inplace=True, verbose=False, mlp_chunk_size=mlp_chunk,
                                       offload=offload)
