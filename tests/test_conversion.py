@@ -13,6 +13,7 @@ Tolerances:
 """
 import contextlib
 import copy
+import inspect
 import warnings
 import weakref
 
@@ -51,6 +52,10 @@ BUILDERS = {
     "LlamaModel": lambda: LlamaModel(llama_config()),
     "LlamaForCausalLM": lambda: LlamaForCausalLM(llama_config()),
 }
+
+
+# the KV cache's keyword: 'cache' from transformers 5.24, 'past_key_values' before
+CACHE_KW = "cache" if "cache" in inspect.signature(GPT2Model.forward).parameters else "past_key_values"
 
 
 def ids(batch=2, length=19, seed=1):
@@ -650,11 +655,11 @@ def test_misuse_in_training_is_refused():
     h = torch.randn(1, 4, 64, requires_grad=True)
     with pytest.raises(RuntimeError, match="converted layer 1 .* did not receive the output of layer 0"):
         converted.h[1](h)
-    cache = transformers.DynamicCache(config=converted.config)
+    cache = {CACHE_KW: transformers.DynamicCache(config=converted.config)}
     with torch.no_grad():
-        converted.eval()(input_ids=ids(1, 3), past_key_values=cache, use_cache=True)
+        converted.eval()(input_ids=ids(1, 3), use_cache=True, **cache)
     with pytest.raises(ValueError, match=r"non-empty KV cache \(3 tokens\)"):
-        converted.train()(input_ids=ids(1, 2), past_key_values=cache, use_cache=True)
+        converted.train()(input_ids=ids(1, 2), use_cache=True, **cache)
 
 
 # ---------------------------------------------------------------- MLPs in sequence tiles

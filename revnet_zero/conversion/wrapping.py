@@ -107,7 +107,7 @@ def layer_arguments(layer: nn.Module, args: tuple, kwargs: dict, training: bool)
             cached = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
             if cached > 0:
                 raise ValueError(f"training forward with a non-empty KV cache ({cached} tokens) is not supported "
-                                 "by the reversible layers; pass no past_key_values")
+                                 "by the reversible layers; pass no KV cache (cache / past_key_values)")
             if name in where:
                 where[name] = None
         if "use_cache" in where:
