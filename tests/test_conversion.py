@@ -29,7 +29,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig,  
 from revnet_zero.conversion import (bdia_reference, convert_from_reversible,  # noqa: E402
                                     convert_to_reversible)
 from revnet_zero.conversion import bdia as bdia_module  # noqa: E402
-from revnet_zero.conversion.grid import (gamma_step, gamma_unstep, pack_bits, to_grid,  # noqa: E402
+from revnet_zero.conversion.grid import (from_grid, gamma_step, gamma_unstep, pack_bits, to_grid,  # noqa: E402
                                          unpack_bits)
 
 VOCAB = 101
@@ -270,6 +270,24 @@ def test_bdia_training_with_the_compiled_grid_step_changes_no_bit(monkeypatch, o
     assert sorted(calls) == sorted(["_step_forward", "_step_backward"] * (layers - 1)), calls
     assert torch.equal(loss, fused_loss)
     assert all(torch.equal(grads[n], fused_grads[n]) for n in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_grid_conversions_equal_their_float64_definition(dtype):
+    """to_grid is round-half-even(x * 2^24) and from_grid is X rounded to the dtype, times 2^-24, whatever
+    the dtype's fast path: checked against float64 arithmetic on random values over many magnitudes and on
+    exact ties (k + 1/2 after scaling)."""
+    g = torch.Generator().manual_seed(0)
+    mag = 2.0 ** torch.randint(-30, 14 if dtype == torch.float16 else 36, (20000,), generator=g).double()
+    x = (torch.randn(20000, generator=g, dtype=torch.float64) * mag)
+    ties = (torch.arange(-40, 40, dtype=torch.float64) + 0.5) * 2.0 ** -24
+    x = torch.cat([x, ties, -ties, torch.zeros(1)]).to(dtype)
+    X = to_grid(x)
+    assert X.dtype == torch.int64
+    assert torch.equal(X, torch.round(x.double() * 2 ** 24).long())   # float64 holds every value here exactly
+    big = torch.randint(-2 ** 62, 2 ** 62, (20000,), generator=g)
+    for Y in (X, big):
+        assert torch.equal(from_grid(Y, dtype), (Y.to(dtype).double() * 2.0 ** -24).to(dtype))
 
 
 def test_grid_steps_invert_exactly():

@@ -23,10 +23,16 @@ LIMIT = 2.0 ** 38  # |x| beyond this would overflow int64 after scaling by 2^GRI
 
 
 def to_grid(x: Tensor) -> Tensor:
-    """``round(x · 2^GRID_BITS)`` as int64, for ``|x| < LIMIT`` (see ``check_range``). One float32
-    (or float64) temporary: bf16/fp16 are widened first (exact; fp16 would overflow when scaled)."""
-    y = x.to(torch.promote_types(x.dtype, torch.float32), copy=True)
-    return y.mul_(2.0 ** GRID_BITS).round_().to(torch.int64)
+    """``round(x · 2^GRID_BITS)`` (half to even) as int64, for ``|x| < LIMIT`` (see ``check_range``).
+    bf16 and float32 scale in their own dtype, which is exact (a power of two; bf16 has float32's
+    exponent range) and so is rounding there (a bf16 value of 256 or more is already an integer): one
+    temporary of ``x``'s dtype. fp16 would overflow when scaled and float64 is exact as it is: both go
+    through float32 / float64 as before."""
+    if x.dtype in (torch.bfloat16, torch.float32, torch.float64):
+        y = x * 2.0 ** GRID_BITS
+    else:
+        y = x.to(torch.promote_types(x.dtype, torch.float32)).mul_(2.0 ** GRID_BITS)
+    return y.round_().to(torch.int64)
 
 
 def check_range(peak: Tensor) -> None:
@@ -38,7 +44,12 @@ def check_range(peak: Tensor) -> None:
 
 
 def from_grid(X: Tensor, dtype: torch.dtype) -> Tensor:
-    """The float value of grid integers ``X`` in ``dtype`` (one correct rounding)."""
+    """The float value of grid integers ``X`` in ``dtype``: ``X`` rounded to ``dtype`` (as ``X.to(dtype)``
+    rounds it), times 2^-GRID_BITS (exact). For float32 (the default dtype, which an int64 tensor times a
+    Python float gives), one pass: the multiply reads int64 and converts it on the fly (the same
+    conversion)."""
+    if dtype == torch.float32 == torch.get_default_dtype():
+        return X * 2.0 ** -GRID_BITS
     return X.to(dtype).mul_(2.0 ** -GRID_BITS)
 
 
