@@ -282,14 +282,10 @@ def main_counts(argv=None) -> None:
             for seq in lengths:
                 model = build(a.shape, layers, seq, mode, a.gamma0, torch.device("cpu"))
                 ids = random_ids(model.lm.config.vocab_size, 1, seq, torch.device("cpu"))
-                counts = rf.Counts()
-                with counts:
-                    with torch.autocast("cpu", dtype=torch.bfloat16):
-                        loss = model(ids)
-                    loss.backward()
+                counts = rf.step_counts(model, ids)
                 c[layers, seq] = {"flops": sum(counts.flops.values()), "other_bytes": sum(counts.other_bytes.values()),
                                   **{f"op:{k}": v for k, v in counts.other_bytes.items()}}
-                del model, loss
+                del model
         fits[mode] = {"flops": rf.fit(c, depths, lengths, "flops", "quad"),
                       "other_bytes": rf.fit(c, depths, lengths, "other_bytes", "const")}
         names = {k for v in c.values() for k in v if k.startswith("op:")}

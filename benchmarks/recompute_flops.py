@@ -3,8 +3,9 @@ the bytes that the other ops (elementwise, reductions, copies) read and write.
 
 Counts, not timings: they do not depend on the machine, so the CPU gives the figures a GPU step runs
 (up to kernel choice). Per layer and per token they are fitted over two depths and two lengths
-(``c·L·S + a·L·S² + head·S``), which separates the blocks from the head and loss and the attention
-(quadratic in S) from the rest, and are then evaluated at the benchmark's length and depth.
+(``L·(lin·S + quad·S²) + head·S``), which separates the blocks from the head and loss and the attention
+(quadratic in S) from the rest, and are then evaluated at the benchmark's length and depth (``fit``
+has the exact forms: FLOPs with an S² term, bytes with a per-layer constant for the weight casts).
 
 The question it answers: at 256k tokens, full activation checkpointing's step is faster than the
 reversible one by ~0.5% (``modes_..._2026-11-23.md``). Both recompute the blocks once, but
@@ -81,15 +82,24 @@ class Counts(TorchDispatchMode):
         return out
 
 
+def step_counts(model, ids) -> Counts:
+    """The counts of one training step: bf16-autocast forward (``model(ids)`` gives a loss or an output
+    with ``.loss``), backward outside autocast, as the benchmark's step (``measure_step``) runs it."""
+    counts = Counts()
+    with counts:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids)
+            loss = getattr(out, "loss", out)
+        loss.backward()
+    return counts
+
+
 def count(config: str, layers: int, seq: int, mode: str) -> dict:
-    """FLOPs and other ops' bytes of one bf16-autocast training step (forward, fused loss, backward)."""
+    """FLOPs and other ops' bytes of one training step of preset ``config`` in benchmark ``mode``."""
     model = build_model(config, layers, seq, torch.device("cpu"))
     ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
-    counts = Counts()
-    with apply_mode(model, mode), counts:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(ids).loss
-        loss.backward()   # outside autocast, as the benchmark's step (measure_step) runs it
+    with apply_mode(model, mode):
+        counts = step_counts(model, ids)
     return {"flops": sum(counts.flops.values()), "flops_by_op": dict(counts.flops),
             "other_bytes": sum(counts.other_bytes.values())}
 

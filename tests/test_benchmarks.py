@@ -249,7 +249,7 @@ def test_kept_bytes_measure_gives_the_known_answers(monkeypatch):
     assert cm.kept_per_layer("1b", "bdia", lengths=(16, 32)) == 24
 
 
-def test_reversible_step_computes_one_forward_more_than_standard_and_full_ac_a_little_less():
+def test_reversible_step_computes_checkpointings_flops_without_its_early_stop():
     """The counts behind recompute_flops_*.md, on the tiny preset: the reversible backward evaluates each
     sub-function once (the FLOPs of checkpointing without its early stop), and
     checkpointing's early stop skips each block's FFN output projection (2 * d_ff * d FLOPs a token)."""
