@@ -313,8 +313,40 @@ def main_counts(argv=None) -> None:
     _write_cpu_table(a.out, f"conversion_counts_{a.shape}_cpu_{env['date']}.md", lines)
 
 
+def main_profile(argv=None) -> None:
+    """``python benchmarks/conversion_memory.py profile --shape 1b --seq 8192``: where one step's GPU time
+    goes, per mode (torch.profiler; one warm-up step, one profiled)."""
+    from profile_step import report
+    from revnet_zero.benchmarks.measure import train_step
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="1b", choices=sorted(SHAPES))
+    p.add_argument("--modes", default="hf_ac,bdia")
+    p.add_argument("--seq", type=int, default=8192)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--gamma0", type=float, default=0.125)
+    p.add_argument("--fuse-grid", action="store_true")
+    p.add_argument("--sdpa", default="cudnn")
+    p.add_argument("--top", type=int, default=25)
+    a = p.parse_args(argv)
+    dev = torch.device("cuda")
+    if a.fuse_grid:
+        from revnet_zero.conversion import grid
+        grid.FUSE = True
+    print(environment(dev))
+    for mode in a.modes.split(","):
+        model = build(a.shape, a.layers, a.seq, mode, a.gamma0, dev)
+        ids = random_ids(model.lm.config.vocab_size, 1, a.seq, dev)
+        with sdpa_context(a.sdpa):
+            report(f"{mode} ({a.shape}, {a.layers} layers, seq {a.seq}{', fused grid' if a.fuse_grid else ''})",
+                   lambda: train_step(model, ids, torch.bfloat16), a.top)
+        del model
+        free_memory(dev)
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["kept"]:
+    if sys.argv[1:2] == ["profile"]:
+        main_profile(sys.argv[2:])
+    elif sys.argv[1:2] == ["kept"]:
         main_kept(sys.argv[2:])
     elif sys.argv[1:2] == ["counts"]:
         main_counts(sys.argv[2:])

@@ -34,19 +34,24 @@ def main(argv=None) -> None:
     ids = random_ids(model.config.vocab_size, 1, a.seq, torch.device("cuda"))
     for mode in a.modes.split(","):
         with apply_mode(model, mode), sdpa_context(a.sdpa):
-            train_step(model, ids, torch.bfloat16)
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                t0 = time.perf_counter()
-                train_step(model, ids, torch.bfloat16)
-                torch.cuda.synchronize()
-                wall = time.perf_counter() - t0
-        events = prof.key_averages()
-        busy = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
-        print(f"\n=== {mode}: seq {a.seq}, wall {wall * 1e3:.1f} ms (under the profiler), GPU busy "
-              f"{busy * 1e3:.1f} ms ({busy / wall:.0%})")
-        print(events.table(sort_by="self_device_time_total", row_limit=a.top, max_name_column_width=60))
+            report(f"{mode}: seq {a.seq}", lambda: train_step(model, ids, torch.bfloat16), a.top)
 
+
+def report(title: str, step, top: int = 12) -> None:
+    """Run ``step`` once to warm up, then once under the profiler; print wall time, GPU busy time and
+    the top kernels by GPU time."""
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
+    print(f"\n=== {title}, wall {wall * 1e3:.1f} ms (under the profiler), GPU busy "
+          f"{busy * 1e3:.1f} ms ({busy / wall:.0%})")
+    print(events.table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=60))
 
 if __name__ == "__main__":
     main()

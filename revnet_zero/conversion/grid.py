@@ -146,17 +146,29 @@ def _step_backward(b: Tensor, X_next: Tensor, packed: Tensor, signs: Tensor, m: 
     return gamma_unstep(X_next - to_grid(b), low, signs, m, inplace=True)
 
 
+# One function per (step, m), each its own code object with ``m`` a literal: Dynamo then never sees
+# ``m`` change, so it stays a constant of the graph. (One lambda closing over ``m`` compiled for a second
+# ``m`` made it a symbolic int, and ``1 << m`` on a symbolic int failed to trace in torch 2.11.)
+_STEPS = {
+    (_step_forward, 1): lambda b, X, s: _step_forward(b, X, s, 1),
+    (_step_forward, 2): lambda b, X, s: _step_forward(b, X, s, 2),
+    (_step_forward, 3): lambda b, X, s: _step_forward(b, X, s, 3),
+    (_step_backward, 1): lambda b, X, p, s: _step_backward(b, X, p, s, 1),
+    (_step_backward, 2): lambda b, X, p, s: _step_backward(b, X, p, s, 2),
+    (_step_backward, 3): lambda b, X, p, s: _step_backward(b, X, p, s, 3),
+}
+
+
 def _fused(fn, m: int):
-    """``fn`` compiled for one ``m``, which must stay a constant of the graph (a shift by a symbolic
-    int does not trace in torch 2.11), hence automatic dynamic shapes rather than ``dynamic=True``."""
+    """``fn`` compiled for one ``m`` (automatic dynamic shapes: static first, dynamic once a shape changes)."""
     if (fn, m) not in _FUSED:
-        _FUSED[fn, m] = torch.compile(lambda *args: fn(*args, m), fullgraph=True)
+        _FUSED[fn, m] = torch.compile(_STEPS[fn, m], fullgraph=True)
     return _FUSED[fn, m]
 
 
-# Every (step, m, dtype) compiles the one lambda above: Dynamo counts them all against the recompile
-# limit of that code object (8 by default), and with fullgraph=True the ninth fails instead of running
-# eagerly. 3 values of m x 2 steps x 2 dtypes x (static, then dynamic shapes) stay under this.
+# Dynamo counts recompiles per code object against a limit (8 by default), and with fullgraph=True
+# the one past it fails instead of running eagerly. Each function above recompiles per dtype and
+# layout (static, then dynamic shapes); this leaves room.
 RECOMPILE_LIMIT = 32
 
 
