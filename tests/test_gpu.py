@@ -189,3 +189,22 @@ def test_cuda_fused_bdia_grid_step_is_the_eager_one(monkeypatch):
                 assert grid.FUSE
                 assert all(torch.equal(x, y) for x, y in zip(eager, fused)), (m, dtype, S)
                 assert torch.equal(eager_back, X_prev) and torch.equal(fused_back, X_prev), (m, dtype, S)
+
+
+def test_cuda_memory_cap_refuses_an_allocation_past_it():
+    """``cap_memory`` on a bare ``cuda`` device (what the benchmarks pass): an allocation past the cap
+    fails with the ordinary out-of-memory error, one below it does not."""
+    from revnet_zero.benchmarks import measure
+    dev = torch.device("cuda")
+    torch.cuda.empty_cache()
+    try:
+        measure.cap_memory(dev, 2.0)
+        assert measure.environment(dev)["memory_cap_gib"] == 2.0
+        small = torch.empty(2**30, dtype=torch.uint8, device=dev)
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(3 * 2**30, dtype=torch.uint8, device=dev)
+        del small
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
+        measure._MEMORY_CAP.clear()
+        torch.cuda.empty_cache()

@@ -60,7 +60,8 @@ def cap_memory(device: torch.device, gib: float | None) -> None:
     total = torch.cuda.get_device_properties(device).total_memory / GIB
     if not 0 < gib <= total:
         raise ValueError(f"memory cap must be in (0, {total:.2f}] GiB (this card's total), got {gib}")
-    torch.cuda.set_per_process_memory_fraction(gib / total, device)
+    index = device.index if device.index is not None else torch.cuda.current_device()  # it refuses a bare "cuda"
+    torch.cuda.set_per_process_memory_fraction(gib / total, index)
     _MEMORY_CAP[str(device)] = gib
 
 
