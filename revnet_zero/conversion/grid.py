@@ -117,15 +117,13 @@ def gamma_unstep(A: Tensor, low: Tensor, signs: Tensor, m: int, inplace: bool = 
 #
 # Eagerly each step is some twenty elementwise passes over int64 tensors (to_grid, shift, sign, add,
 # pack; and back), which at 8k tokens cost about as much as the layer's own kernels. On CUDA the two
-# functions below can be compiled (torch.compile) into a few fused kernels. They hold only integer
-# arithmetic, exact float scaling and round-half-even, so compiled and eager results are the same bits
-# (tests/test_gpu.py checks it on CUDA; tests/test_conversion.py compiles the same graphs for the CPU
-# and checks them bitwise). Opt-in for now: ``revnet_zero.conversion.grid.FUSE = True``. Not yet
-# validated on a GPU: two attempts in torch 2.11 failed (a shift by a symbolic int, now a constant;
-# and, found later on CPU, Dynamo's recompile limit, see RECOMPILE_LIMIT); a failed compile warns and
-# runs eagerly.
+# functions below are compiled (torch.compile) into a few fused kernels, by default. They hold only
+# integer arithmetic, exact float scaling and round-half-even, so compiled and eager results are the
+# same bits (tests/test_gpu.py checks it on CUDA, tests/test_conversion.py on the CPU back end).
+# Compiling costs some seconds at the first step and again at the first step of a new shape; a failed
+# compile warns and runs eagerly. ``revnet_zero.conversion.grid.FUSE = False`` turns it off.
 
-FUSE = False
+FUSE = True
 FUSE_DEVICES = ("cuda",)   # where FUSE applies; tests add "cpu" (inductor's C++ back end) to run it there
 _FUSED: dict = {}
 
