@@ -226,9 +226,10 @@ def test_bdia_on_cuda(name, autocast, monkeypatch):
 
 def test_compiled_grid_step_is_the_eager_one_for_every_gamma_and_dtype():
     """The fused BDIA step (torch.compile; the CUDA default, compiled here for the CPU) gives the eager bits,
-    forward and backward, for m = 1..3, bf16 and fp32 and a size that does not fill whole bytes. Its
-    twelve forward graphs share one code object, past Dynamo's default recompile limit of 8: with
-    fullgraph=True the ninth used to fail (and fall back with a warning, which fails this test)."""
+    forward and backward, for m = 1..3, bf16 and fp32 and a size that does not fill whole bytes. Twelve
+    forward graphs in one process: one lambda closing over m used to make m symbolic at its second
+    value (which torch 2.11 on the GPU failed to trace) and to pass Dynamo's recompile limit of 8; each
+    (step, m) now has its own function. A fallback to eager warns, which fails this test."""
     from revnet_zero.conversion import grid
     torch.manual_seed(0)
     signs = torch.tensor([1, -1])
