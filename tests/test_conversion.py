@@ -130,14 +130,15 @@ def test_generate_with_kv_cache_matches():
 
 # ---------------------------------------------------------------- training: exact gradients
 
+@pytest.mark.parametrize("batch", [1, 3])   # batch 1: one sign per layer, gamma a float (see Signs)
 @pytest.mark.parametrize("gamma0", [1 / 2, 1 / 4, 1 / 8])
 @pytest.mark.parametrize("name", ["GPT2LMHeadModel", "LlamaForCausalLM"])
-def test_bdia_gradients_equal_plain_autograd_reference(name, gamma0):
+def test_bdia_gradients_equal_plain_autograd_reference(name, gamma0, batch):
     torch.manual_seed(0)
     original = BUILDERS[name]()  # dropout 0.1: the recompute must redraw the same masks
     converted = convert_to_reversible(original, gamma0=gamma0, verbose=False)
     reference = bdia_reference(original, gamma0=gamma0)
-    x = ids()
+    x = ids(batch=batch)
     loss, grads = train_step(converted, x)
     ref_loss, ref_grads = train_step(reference, x)
     assert torch.equal(loss, ref_loss)
@@ -148,6 +149,58 @@ def test_bdia_gradients_equal_plain_autograd_reference(name, gamma0):
     original.train()
     torch.manual_seed(5)
     assert not torch.equal(original(input_ids=x, labels=x).loss, loss)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_common_sign_update_is_the_per_sample_one(dtype, device):
+    """With one sign for the whole batch, ``γ`` is a Python float and the update runs as two ``add``s
+    with ``alpha`` (``(y + γ·y) - 2γ·x``): the same bits as the per-sample tensor form, for every
+    ``m``, sign and dtype, values and gradients."""
+    g = torch.Generator().manual_seed(0)
+    y = (torch.randn(2, 257, 33, generator=g) * 10 ** torch.randint(-3, 4, (2, 257, 1), generator=g)).to(device, dtype)
+    x = (torch.randn(2, 257, 33, generator=g) * 5).to(device, dtype)
+    dout = torch.randn(2, 257, 33, generator=g).to(device, dtype)
+    for m in (1, 2, 3):
+        for sign in (1, -1):
+            signs = bdia_module.Signs(torch.full((2,), sign, device=device), None)
+            results = []
+            for gamma in (bdia_module.gammas(signs, m, x), bdia_module.gammas(signs._replace(common=sign), m, x)):
+                yg, xg = y.clone().requires_grad_(), x.clone().requires_grad_()
+                b = bdia_module.residual_update(yg, xg, gamma)
+                results.append((b, *torch.autograd.grad(b, [yg, xg], dout)))
+            assert isinstance(gamma, float)
+            assert all(torch.equal(t, f) for t, f in zip(*results)), (m, sign)
+
+
+def test_common_sign_grid_step_is_the_per_sample_one():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randint(-2 ** 60, 2 ** 60, (3, 7, 5), generator=g)
+    for m in (1, 2, 3):
+        for sign in (1, -1):
+            signs = torch.full((3,), sign)
+            A, low = gamma_step(X, signs, m)
+            A1, low1 = gamma_step(X, signs, m, common=sign)
+            assert torch.equal(A, A1) and torch.equal(low, low1)
+            assert torch.equal(gamma_unstep(A1, low1, signs, m, common=sign), X)
+
+
+@pytest.mark.parametrize("name", ["GPT2LMHeadModel", "LlamaForCausalLM"])
+def test_bdia_at_batch_one_takes_the_common_sign_path_with_the_same_result(name, monkeypatch):
+    """Batch 1 (every long-context run): the signs are common, ``γ`` a float. The same step with the
+    per-sample tensor path forced gives the same loss and gradients, bitwise."""
+    torch.manual_seed(0)
+    converted = convert_to_reversible(BUILDERS[name](), verbose=False)
+    x = ids(batch=1)
+    seen, draw = [], bdia_module.draw_signs
+    monkeypatch.setattr(bdia_module, "draw_signs", lambda *a: seen.append(draw(*a)) or seen[-1])
+    common = train_step(converted, x)
+    assert seen and all(s.common in (1, -1) for s in seen)
+    monkeypatch.setattr(bdia_module, "draw_signs", lambda *a: draw(*a)._replace(common=None))
+    per_sample = train_step(converted, x)
+    assert torch.equal(common[0], per_sample[0])
+    assert all(torch.equal(common[1][n], per_sample[1][n]) for n in common[1])
 
 
 def test_backward_twice_with_retained_graph():

@@ -22,6 +22,7 @@ passed straight through). ``reference.py`` computes the same function with plain
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -34,22 +35,41 @@ from .grid import abs_max, check_range, from_grid, step_backward, step_forward, 
 from .wrapping import WrappedLayer, _Stack, layer_arguments
 
 
-def draw_signs(batch: int, device: torch.device) -> Tensor:
-    """The signs of ``γ`` for one layer, ``[B]`` of ±1, from the global generator of ``device``."""
-    return torch.randint(0, 2, (batch,), device=device) * 2 - 1
+class Signs(NamedTuple):
+    """The signs of ``γ`` for one layer: ``dev``, ``[B]`` of ±1 on the layer's device (the grid step's
+    operand), and ``common``, the sign every sample has if they agree (always at batch 1), else None."""
+    dev: Tensor
+    common: int | None
 
 
-def gammas(signs: Tensor, m: int, like: Tensor) -> Tensor:
-    """``γ = signs · 2^-m`` in ``like``'s dtype, shaped ``[B, 1, ..., 1]`` to broadcast against it."""
-    return (signs.to(like.dtype) * 2.0 ** -m).view(-1, *[1] * (like.dim() - 1))
+def draw_signs(batch: int, device: torch.device) -> Signs:
+    """Fresh signs for one layer, from the global CPU generator: the host knows them without waiting for
+    the device, so a common sign can be a Python number in the update (plain, vectorized kernels)."""
+    host = torch.randint(0, 2, (batch,)) * 2 - 1
+    values = set(host.tolist())
+    return Signs(host.to(device), values.pop() if len(values) == 1 else None)
 
 
-def residual_update(y: Tensor, x: Tensor, gamma: Tensor | None) -> Tensor:
+def gammas(signs: Signs, m: int, like: Tensor) -> Tensor | float:
+    """``γ = signs · 2^-m``: a Python float when every sample has the same sign, else a tensor in
+    ``like``'s dtype shaped ``[B, 1, ..., 1]`` to broadcast against it."""
+    if signs.common is not None:
+        return signs.common * 2.0 ** -m
+    return (signs.dev.to(like.dtype) * 2.0 ** -m).view(-1, *[1] * (like.dim() - 1))
+
+
+def residual_update(y: Tensor, x: Tensor, gamma: Tensor | float | None) -> Tensor:
     """``(1-γ)·x + (1+γ)·h`` with ``h = y - x``, written as ``(1+γ)·y - 2γ·x`` (no cancellation).
     ``γ = None``: the first layer of a run, ``y`` itself. Shared by forward, backward and reference,
-    so all three round identically."""
+    so all three round identically. For a float ``γ = ±2^-m`` it runs as ``(y + γ·y) - 2γ·x`` in two
+    ``add``s with ``alpha``: ``1 + γ`` is exact and so is every product by a power of two, so each
+    result is the same correctly rounded value as the tensor form's (tested), in two passes, not three.
+    Not for float16, whose subnormals begin at 6e-5: there ``γ·y`` can round, so it keeps the tensor
+    form's arithmetic (with the float, still one kernel per op without a broadcast operand)."""
     if gamma is None:
         return y
+    if isinstance(gamma, float) and y.dtype != torch.float16:
+        return torch.add(torch.add(y, y, alpha=gamma), x, alpha=-2 * gamma)
     return (1 + gamma) * y - (2 * gamma) * x
 
 
@@ -151,9 +171,10 @@ class _BDIAFunction(torch.autograd.Function):
         else:
             # X_prev is the tape's alone (a run's saved pair is its last layer's X_next, X_cur): given up here.
             # Fetched only once b is on the grid, so its copy and to_grid's temporaries do not coexist.
-            X_next, packed, peak = step_forward(b, lambda: _take(X_prev), signs, m)
+            X_next, packed, peak = step_forward(b, lambda: _take(X_prev), signs.dev, m, signs.common)
             del X_prev
-            saved = [signs, _park(packed, offload)]
+            saved = [signs.dev, _park(packed, offload)]
+            ctx.common = signs.common
         del b
         out = from_grid(X_next, x.dtype)
         X_next = _park(X_next, offload)
@@ -183,7 +204,7 @@ class _BDIAFunction(torch.autograd.Function):
                                f"{tape.pos}: the backward must run from the run's outputs through every layer")
         X_next, X_cur = tape.pair
         x = from_grid(_take(X_cur), ctx.dtype)   # with offload the host copy stays in X_cur for the next pair
-        signs = None if ctx.starts else saved[0]
+        signs = None if ctx.starts else Signs(saved[0], ctx.common)
         gamma = None if ctx.starts else gammas(signs, ctx.m, x)
         needed = [p for p, need in zip(ctx.params, ctx.needs_input_grad[6:]) if need]
         with _leaf_aliases(ctx.layer, needed) as alias, _autocast(ctx.autocast), \
@@ -202,12 +223,14 @@ class _BDIAFunction(torch.autograd.Function):
             return (None, None, None, None, None, dx, *pgrads)
         with torch.no_grad():
             # with offload, X_next is a fresh copy from host memory: X_prev may overwrite it
-            X_prev = step_backward(_take(bd), _take(X_next), _take(saved[1]), signs, ctx.m, overwrite=ctx.offload)
+            X_prev = step_backward(_take(bd), _take(X_next), _take(saved[1]), signs.dev, ctx.m, signs.common,
+                                   overwrite=ctx.offload)
             del bd, X_next, saved   # X_next's host copy too, before X_prev's is made
             tape.pair = None
         # the previous layer turns X_prev into its input at once: with offload its device copy is held for that
         tape.pair, tape.pos = (X_cur, _park(X_prev, ctx.offload, keep=True)), ctx.index - 1
-        return (None, None, None, None, dout * gamma.to(dout.dtype), dx, *pgrads)
+        dprev = dout * gamma if isinstance(gamma, float) else dout * gamma.to(dout.dtype)
+        return (None, None, None, None, dprev, dx, *pgrads)
 
 
 class BDIALayer(WrappedLayer):

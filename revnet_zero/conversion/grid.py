@@ -96,21 +96,31 @@ def unpack_bits(packed: Tensor, m: int, shape: torch.Size) -> Tensor:
     return r.view(-1)[:shape.numel()].view(shape)
 
 
-def gamma_step(X_prev: Tensor, signs: Tensor, m: int, inplace: bool = False) -> tuple[Tensor, Tensor]:
+def _apply_signs(A: Tensor, signs: Tensor, common: int | None) -> Tensor:
+    """``A *= signs`` (per sample), in place; with a ``common`` sign one pass or none."""
+    if common == 1:
+        return A
+    if common == -1:
+        return A.neg_()
+    return A.mul_(signs.view(-1, *[1] * (A.dim() - 1)))
+
+
+def gamma_step(X_prev: Tensor, signs: Tensor, m: int, inplace: bool = False,
+               common: int | None = None) -> tuple[Tensor, Tensor]:
     """``Q[γ · x_prev]`` on the grid for ``γ = signs · 2^-m`` (signs ``[B]`` of ±1): ``signs · (X_prev >> m)``,
-    and the ``m`` low bits it drops (uint8). ``inplace`` computes the first in ``X_prev``'s memory."""
-    s = signs.view(-1, *[1] * (X_prev.dim() - 1))
+    and the ``m`` low bits it drops (uint8). ``inplace`` computes the first in ``X_prev``'s memory;
+    ``common``: the sign of every sample, if they agree (see ``bdia.Signs``)."""
     low = X_prev.to(torch.uint8).bitwise_and_((1 << m) - 1)  # int64 -> uint8 keeps the low 8 bits
     A = X_prev.bitwise_right_shift_(m) if inplace else X_prev >> m
-    return A.mul_(s), low
+    return _apply_signs(A, signs, common), low
 
 
-def gamma_unstep(A: Tensor, low: Tensor, signs: Tensor, m: int, inplace: bool = False) -> Tensor:
+def gamma_unstep(A: Tensor, low: Tensor, signs: Tensor, m: int, inplace: bool = False,
+                 common: int | None = None) -> Tensor:
     """``X_prev`` from ``A = signs · (X_prev >> m)`` and its dropped bits ``low``: exact. ``inplace``
     computes it in ``A``'s memory."""
-    s = signs.view(-1, *[1] * (A.dim() - 1))
     X = A if inplace else A.clone()
-    return X.mul_(s).bitwise_left_shift_(m).bitwise_or_(low)
+    return _apply_signs(X, signs, common).bitwise_left_shift_(m).bitwise_or_(low)
 
 
 # ---- one BDIA step on the grid, fused on CUDA
@@ -139,9 +149,10 @@ def _step_forward(b: Tensor, X_prev: Tensor, signs: Tensor, m: int) -> tuple[Ten
     return to_grid(b) + A, pack_bits(low, m), abs_max(b)
 
 
-def _step_backward(b: Tensor, X_next: Tensor, packed: Tensor, signs: Tensor, m: int) -> Tensor:
+def _step_backward(b: Tensor, X_next: Tensor, packed: Tensor, signs: Tensor, m: int,
+                   common: int | None = None) -> Tensor:
     low = unpack_bits(packed, m, X_next.shape)
-    return gamma_unstep(X_next - to_grid(b), low, signs, m, inplace=True)
+    return gamma_unstep(X_next - to_grid(b), low, signs, m, inplace=True, common=common)
 
 
 # One function per (step, m), each its own code object with ``m`` a literal: Dynamo then never sees
@@ -184,7 +195,7 @@ def _run_fused(fn, m: int, *args):
 
 
 def step_forward(b: Tensor, X_prev: Tensor | Callable[[], Tensor], signs: Tensor,
-                 m: int) -> tuple[Tensor, Tensor, Tensor]:
+                 m: int, common: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``X_next = to_grid(b) + Q[γ·x_prev]``, the packed bits that drops, and ``max |b|``. Eagerly,
     ``X_prev`` (which the caller gives up) is shifted in place to save an int64 temporary. ``X_prev``
     may be a function giving it: eagerly it is called once ``b`` is on the grid, so a tensor it fetches
@@ -197,13 +208,13 @@ def step_forward(b: Tensor, X_prev: Tensor | Callable[[], Tensor], signs: Tensor
             return out
         fetch = lambda: X  # noqa: E731 - fetched once
     X_next = to_grid(b)
-    A, low = gamma_step(fetch(), signs, m, inplace=True)
+    A, low = gamma_step(fetch(), signs, m, inplace=True, common=common)
     X_next += A
     return X_next, pack_bits(low, m), abs_max(b)
 
 
 def step_backward(b: Tensor, X_next: Tensor, packed: Tensor, signs: Tensor, m: int,
-                  overwrite: bool = False) -> Tensor:
+                  common: int | None = None, overwrite: bool = False) -> Tensor:
     """``X_prev`` from ``X_next``, the layer's recomputed ``b`` and the stored bits: exact.
     ``overwrite``: ``X_prev`` may be computed in ``X_next``'s memory (eagerly: one int64 temporary less)."""
     if FUSE and b.device.type in FUSE_DEVICES:
@@ -211,6 +222,6 @@ def step_backward(b: Tensor, X_next: Tensor, packed: Tensor, signs: Tensor, m: i
         if out is not None:
             return out
     if not overwrite:
-        return _step_backward(b, X_next, packed, signs, m)
+        return _step_backward(b, X_next, packed, signs, m, common)
     low = unpack_bits(packed, m, X_next.shape)
-    return gamma_unstep(X_next.sub_(to_grid(b)), low, signs, m, inplace=True)
+    return gamma_unstep(X_next.sub_(to_grid(b)), low, signs, m, inplace=True, common=common)

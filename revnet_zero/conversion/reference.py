@@ -45,7 +45,7 @@ class BDIAReferenceLayer(BDIALayer):
             x64, x = run.cur, hidden_states
             b = residual_update(self.layer(x, *args, **kwargs), x, gammas(signs, self.m, x))
             prev = run.prev
-            s = signs.to(prev.dtype).view(-1, *[1] * (prev.dim() - 1))
+            s = signs.dev.to(prev.dtype).view(-1, *[1] * (prev.dim() - 1))
             qa = s * torch.floor(prev * 2.0 ** (GRID_BITS - self.m)) / _SCALE  # Q[γ·x_prev]: a shift
             new = _ste(gammas(signs, self.m, prev) * prev, qa) + _ste(b.double())
         run.prev, run.cur = x64, new
