@@ -174,6 +174,21 @@ def test_common_sign_update_is_the_per_sample_one(dtype, device):
             assert all(torch.equal(t, f) for t, f in zip(*results)), (m, sign)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_signs_come_from_the_cpu_generator_and_reach_the_device(device):
+    """``draw_signs``: the CPU generator's draw, on ``device``; ``common`` set exactly when all agree."""
+    for batch in (1, 2, 64):
+        torch.manual_seed(batch)
+        signs = bdia_module.draw_signs(batch, torch.device(device))
+        torch.manual_seed(batch)
+        expected = torch.randint(0, 2, (batch,)) * 2 - 1
+        assert signs.dev.device.type == device and torch.equal(signs.dev.cpu(), expected)
+        agree = bool((expected == expected[0]).all())
+        assert signs.common == (int(expected[0]) if agree else None), (batch, signs.common)
+    assert signs.common is None   # 64 samples: mixed (all equal has probability 2^-63)
+
+
 def test_common_sign_grid_step_is_the_per_sample_one():
     g = torch.Generator().manual_seed(0)
     X = torch.randint(-2 ** 60, 2 ** 60, (3, 7, 5), generator=g)

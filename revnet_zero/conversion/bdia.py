@@ -47,7 +47,16 @@ def draw_signs(batch: int, device: torch.device) -> Signs:
     the device, so a common sign can be a Python number in the update (plain, vectorized kernels)."""
     host = torch.randint(0, 2, (batch,)) * 2 - 1
     values = set(host.tolist())
-    return Signs(host.to(device), values.pop() if len(values) == 1 else None)
+    common = values.pop() if len(values) == 1 else None
+    if device.type == "cpu":
+        return Signs(host, common)
+    # no copy that waits on the stream (a sync per layer): a fill for a common sign, else a
+    # non-blocking copy from pinned memory (the host allocator keeps the block until it is done)
+    if common is not None:
+        return Signs(torch.full((batch,), common, dtype=host.dtype, device=device), common)
+    if device.type == "cuda":
+        return Signs(host.pin_memory().to(device, non_blocking=True), None)
+    return Signs(host.to(device), None)
 
 
 def gammas(signs: Signs, m: int, like: Tensor) -> Tensor | float:
