@@ -676,6 +676,36 @@ def test_offload_holds_at_most_the_pair_the_bits_and_one_layer_output_in_host_me
     assert live["peak"] >= 2 * X + (L - 1) * bits   # the pair and all bits, at the start of the backward
 
 
+def test_host_copies_split_into_power_of_two_chunks(monkeypatch):
+    """Pinned blocks are rounded up to a power of two bytes by PyTorch's host allocator: a host copy is
+    split into power-of-two chunks and one remainder below ``PIN_CHUNK_MIN``, so it pins at most its
+    size plus that; the chunks copy back to the same bits."""
+    for numel, size in ((5 * 2 ** 29, 8), (655360 * 4096, 8), (3 * 2 ** 20 + 7, 2), (100, 1), (2 ** 33, 8)):
+        chunks = bdia_module.host_chunk_sizes(numel, size)
+        assert sum(chunks) == numel
+        *powers, last = chunks
+        assert all(n & (n - 1) == 0 and n * size >= bdia_module.PIN_CHUNK_MIN for n in powers), chunks
+        pinned = sum(1 << (n * size - 1).bit_length() for n in chunks)   # what the allocator takes
+        assert pinned <= numel * size + bdia_module.PIN_CHUNK_MIN, (numel, chunks)
+    assert bdia_module.host_chunk_sizes(655360 * 4096, 8) == [2 ** 31, 2 ** 29]   # 16 + 4 GiB, not 32
+    monkeypatch.setattr(bdia_module, "PIN_CHUNK_MIN", 64)   # several chunks for a small tensor
+    t = torch.randint(-2 ** 40, 2 ** 40, (3, 19, 13))
+    chunks = bdia_module._to_host(t, pin=False)
+    assert [c.numel() for c in chunks] == bdia_module.host_chunk_sizes(t.numel(), 8) and len(chunks) > 2
+    assert torch.equal(bdia_module._from_host(chunks, t.shape, t.device), t)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory, streams)")
+def test_cuda_parked_tensor_pins_its_size_not_the_next_power_of_two():
+    t = torch.randint(-2 ** 40, 2 ** 40, (5, 2 ** 22), device="cuda")   # 160 MiB: 256 MiB if pinned whole
+    stats = torch.cuda.host_memory_stats
+    before = stats()["allocated_bytes.current"]
+    parked = bdia_module._Parked(t)
+    pinned = stats()["allocated_bytes.current"] - before
+    assert t.numel() * 8 <= pinned <= t.numel() * 8 + bdia_module.PIN_CHUNK_MIN, pinned
+    assert torch.equal(parked.take(), t)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory, streams)")
 def test_offload_on_cuda_same_bits_less_memory(monkeypatch):
     """On the GPU the copies run on a side stream: the rebuilt activations stay bitwise the forward's and
