@@ -16,6 +16,7 @@ import copy
 import inspect
 import warnings
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -674,6 +675,42 @@ def test_offload_holds_at_most_the_pair_the_bits_and_one_layer_output_in_host_me
     assert live["now"] == 0
     assert live["peak"] <= 2 * X + (L - 1) * bits + b, (live["peak"], X, bits, b)
     assert live["peak"] >= 2 * X + (L - 1) * bits   # the pair and all bits, at the start of the backward
+
+
+def test_offload_leaves_nothing_per_layer_outside_host_memory_but_the_signs(monkeypatch):
+    """With offload, what a training forward leaves alive outside the parked (host) copies grows with
+    depth by B signs a layer at most: what lets a few layers stand in for the full depth in the
+    longest-context runs (the GPU's own allocator is not modelled here)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from memory_breakdown import LiveTensors
+    B, S = 2, 64
+    parked = []
+
+    class Own(bdia_module._Parked):
+        def __init__(self, t, keep=False):
+            super().__init__(t, keep)
+            self.host = t.clone()   # a storage of its own, as a host copy has
+            parked.append(weakref.ref(self))
+
+    monkeypatch.setattr(bdia_module, "_Parked", Own)
+    outside, inside = {}, {}
+    for layers in (2, 5):
+        torch.manual_seed(0)
+        model = convert_to_reversible(GPT2Model(gpt2_config(layers, dropout=0.0)), gamma0=1 / 8, verbose=False,
+                                      offload=True).train()
+        parked.clear()
+        tracer = LiveTensors()
+        with tracer:
+            loss = model(input_ids=ids(B, S)).last_hidden_state.pow(2).mean()
+        held = [p() for p in parked if p() is not None]
+        host = sum(p.host.untyped_storage().nbytes() for p in held)
+        device = sum(p.dev.untyped_storage().nbytes() for p in held if p.dev is not None)
+        outside[layers], inside[layers] = tracer.current - host, host - device
+        loss.backward()
+        del loss, held
+    per_layer = (outside[5] - outside[2]) / 3
+    assert per_layer <= 8 * B, per_layer
+    assert inside[5] - inside[2] >= 3 * B * S * 64 * 3 // 8   # the bits did go to host memory
 
 
 def test_host_copies_split_into_power_of_two_chunks(monkeypatch):
