@@ -30,7 +30,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig,  
 from revnet_zero.conversion import (bdia_reference, convert_from_reversible,  # noqa: E402
                                     convert_to_reversible)
 from revnet_zero.conversion import bdia as bdia_module  # noqa: E402
-from revnet_zero.conversion.grid import (from_grid, gamma_step, gamma_unstep, pack_bits, to_grid,  # noqa: E402
+from revnet_zero.conversion.grid import (from_grid, gamma_step, gamma_unstep, pack_bits, residual_update, to_grid,  # noqa: E402
                                          unpack_bits)
 
 VOCAB = 101
@@ -169,7 +169,7 @@ def test_common_sign_update_is_the_per_sample_one(dtype, device):
             results = []
             for gamma in (bdia_module.gammas(signs, m, x), bdia_module.gammas(signs._replace(common=sign), m, x)):
                 yg, xg = y.clone().requires_grad_(), x.clone().requires_grad_()
-                b = bdia_module.residual_update(yg, xg, gamma)
+                b = residual_update(yg, xg, gamma)
                 results.append((b, *torch.autograd.grad(b, [yg, xg], dout)))
             assert isinstance(gamma, float)
             assert all(torch.equal(t, f) for t, f in zip(*results)), (m, sign)
@@ -258,7 +258,9 @@ def test_rebuilt_activations_are_bitwise_the_forward_ones(monkeypatch):
         seen.append(X.clone())
         return real(X, dtype)
 
+    from revnet_zero.conversion import grid
     monkeypatch.setattr(bdia_module, "from_grid", recording)
+    monkeypatch.setattr(grid, "from_grid", recording)   # the step's own output (update_forward)
     train_step(converted, ids())
     forward, backward = seen[:6], seen[6:]  # X_0..X_5, then X_4..X_0
     assert len(backward) == 5
@@ -293,34 +295,47 @@ def test_bdia_on_cuda(name, autocast, monkeypatch):
         assert torch.equal(original(input_ids=x).logits, converted(input_ids=x).logits)
 
 
-def test_compiled_grid_step_is_the_eager_one_for_every_gamma_and_dtype():
-    """The fused BDIA step (torch.compile; the CUDA default, compiled here for the CPU) gives the eager bits,
-    forward and backward, for m = 1..3, bf16 and fp32 and a size that does not fill whole bytes. Twelve
-    forward graphs in one process: one lambda closing over m used to make m symbolic at its second
-    value (which torch 2.11 on the GPU failed to trace) and to pass Dynamo's recompile limit of 8; each
-    (step, m) now has its own function. A fallback to eager warns, which fails this test."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_compiled_update_step_is_the_eager_one(device, monkeypatch):
+    """The compiled BDIA update + grid step (torch.compile; the CUDA default, compiled for the CPU's
+    back end too) gives the eager bits, forward (X_next, packed bits, max |b|, the float output) and
+    backward (X_prev rebuilt exactly), for m = 1..3, bf16 and fp32, one sign for the batch (γ a float,
+    either sign) or one per sample (γ a tensor), and a size whose bits do not fill whole bytes. Many
+    graphs in one process: one lambda closing over m used to make m symbolic at its second value (which
+    torch 2.11 on the GPU failed to trace) and to pass Dynamo's recompile limit of 8; each (step, m) now
+    has its own function. A fallback to eager warns, which fails this test."""
     from revnet_zero.conversion import grid
-    torch.manual_seed(0)
-    signs = torch.tensor([1, -1])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        for m in (1, 2, 3):
-            for dtype in (torch.bfloat16, torch.float32):
-                for S, D in ((64, 16), (31, 7)):
-                    b = (torch.randn(2, S, D) * 3).to(dtype)
-                    X_prev = torch.randint(-2 ** 40, 2 ** 40, (2, S, D))
-                    eager = grid._step_forward(b, X_prev.clone(), signs, m)
-                    fused = grid._run_fused(grid._step_forward, m, b, X_prev.clone(), signs)
-                    assert fused is not None and all(torch.equal(x, y) for x, y in zip(eager, fused)), (m, dtype, S)
-                    back = grid._run_fused(grid._step_backward, m, b, fused[0], fused[1], signs)
-                    assert torch.equal(back, X_prev), (m, dtype, S)
+    monkeypatch.setattr(grid, "FUSE_DEVICES", ("cuda", "cpu"))
+    g = torch.Generator().manual_seed(0)
+    for m in (1, 2, 3):
+        for dtype in (torch.bfloat16, torch.float32):
+            for common in (1, -1, None):
+                S, D = (31, 7) if common is None else (64, 16)
+                signs = torch.tensor([1, -1] if common is None else [common, common], device=device)
+                gamma = bdia_module.gammas(bdia_module.Signs(signs, common), m, torch.empty(1, 1, 1, dtype=dtype))
+                y = (torch.randn(2, S, D, generator=g) * 10 ** torch.randint(-3, 4, (2, S, 1), generator=g)).to(device, dtype)
+                x = (torch.randn(2, S, D, generator=g) * 5).to(device, dtype)
+                X_prev = torch.randint(-2 ** 40, 2 ** 40, (2, S, D), generator=g).to(device)
+                runs = []
+                for fuse in (False, True):
+                    monkeypatch.setattr(grid, "FUSE", fuse)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("error", RuntimeWarning)
+                        fwd = grid.update_forward(y, x, X_prev.clone(), signs, m, common, gamma)
+                        back = grid.update_backward(y, x, fwd[0].clone(), fwd[1], signs, m, common, gamma)
+                    assert grid.FUSE == fuse
+                    runs.append((*fwd, back))
+                where = (m, dtype, common)
+                assert all(torch.equal(e, f) for e, f in zip(*runs)), where
+                assert torch.equal(runs[1][-1], X_prev), where
 
 
 @pytest.mark.parametrize("offload", [False, True])
 def test_bdia_training_with_the_compiled_grid_step_changes_no_bit(monkeypatch, offload):
-    """The compiled step inside real training (forward, backward, offload's in-place reuse of X_next): the
-    same loss and gradients, bitwise, as the eager step. Compiled for the CPU here; CUDA is where it is
-    meant to run (tests/test_gpu.py)."""
+    """The compiled step inside real training (forward and backward): the same loss and gradients,
+    bitwise, as the eager step. With offload the eager steps run (in place, for memory), so nothing
+    is compiled. Compiled for the CPU here; CUDA is where it is meant to run."""
     from revnet_zero.conversion import grid
     torch.manual_seed(0)
     original = LlamaForCausalLM(llama_config(dropout=0.0))
@@ -337,7 +352,8 @@ def test_bdia_training_with_the_compiled_grid_step_changes_no_bit(monkeypatch, o
         assert grid.FUSE == fuse
     (loss, grads), (fused_loss, fused_grads) = results
     layers = llama_config().num_hidden_layers   # the first layer of a run has no grid step
-    assert sorted(calls) == sorted(["_step_forward", "_step_backward"] * (layers - 1)), calls
+    expected = [] if offload else ["_update_forward", "_update_backward"] * (layers - 1)
+    assert sorted(calls) == sorted(expected), calls
     assert torch.equal(loss, fused_loss)
     assert all(torch.equal(grads[n], fused_grads[n]) for n in grads)
 

@@ -167,30 +167,6 @@ def test_cuda_first_call_under_checkpoint_or_no_grad():
     assert norm._FUSED == first and x.grad is not None
 
 
-def test_cuda_fused_bdia_grid_step_is_the_eager_one(monkeypatch):
-    """The compiled BDIA grid step (one fused pass instead of ~20 int64 passes) gives the eager bits,
-    forward (X_next, packed bits, max |b|) and backward (X_prev rebuilt exactly)."""
-    from revnet_zero.conversion import grid
-    torch.manual_seed(0)
-    for m in (1, 2, 3):
-        for dtype in (torch.bfloat16, torch.float32):
-            for S, D in ((4096, 64), (1001, 63)):   # 2 * 1001 * 63 elements: not whole bytes, the padded pack
-                b = (torch.randn(2, S, D, device="cuda") * 3).to(dtype)
-                X_prev = torch.randint(-2**40, 2**40, (2, S, D), device="cuda")
-                signs = torch.tensor([1, -1], device="cuda")
-                monkeypatch.setattr(grid, "FUSE", False)
-                eager = grid.step_forward(b, X_prev.clone(), signs, m)
-                eager_back = grid.step_backward(b, eager[0], eager[1], signs, m)
-                monkeypatch.setattr(grid, "FUSE", True)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error", RuntimeWarning)   # a fallback to eager fails the test
-                    fused = grid.step_forward(b, X_prev.clone(), signs, m)
-                    fused_back = grid.step_backward(b, fused[0], fused[1], signs, m)
-                assert grid.FUSE
-                assert all(torch.equal(x, y) for x, y in zip(eager, fused)), (m, dtype, S)
-                assert torch.equal(eager_back, X_prev) and torch.equal(fused_back, X_prev), (m, dtype, S)
-
-
 def test_cuda_memory_cap_refuses_an_allocation_past_it():
     """``cap_memory`` on a bare ``cuda`` device (what the benchmarks pass): an allocation past the cap
     fails with the ordinary out-of-memory error, one below it does not."""

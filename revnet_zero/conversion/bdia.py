@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 from ..engine import (_autocast, _autocast_state, _keep_graph, _leaf_aliases, _restored_rng, _rng_state,
                       root_edge)
 from ..ops.kept_attention import _side_stream
-from .grid import abs_max, check_range, from_grid, step_backward, step_forward, to_grid
+from .grid import abs_max, check_range, from_grid, to_grid, update_backward, update_forward
 from .wrapping import WrappedLayer, _Stack, layer_arguments
 
 
@@ -67,19 +67,13 @@ def gammas(signs: Signs, m: int, like: Tensor) -> Tensor | float:
     return (signs.dev.to(like.dtype) * 2.0 ** -m).view(-1, *[1] * (like.dim() - 1))
 
 
-def residual_update(y: Tensor, x: Tensor, gamma: Tensor | float | None) -> Tensor:
-    """``(1-γ)·x + (1+γ)·h`` with ``h = y - x``, written as ``(1+γ)·y - 2γ·x`` (no cancellation).
-    ``γ = None``: the first layer of a run, ``y`` itself. Shared by forward, backward and reference,
-    so all three round identically. For a float ``γ = ±2^-m`` it runs as ``(y + γ·y) - 2γ·x`` in two
-    ``add``s with ``alpha``: ``1 + γ`` is exact and so is every product by a power of two, so each
-    result is the same correctly rounded value as the tensor form's (tested), in two passes, not three.
-    Not for float16, whose subnormals begin at 6e-5: there ``γ·y`` can round, so it keeps the tensor
-    form's arithmetic (with the float, still one kernel per op without a broadcast operand)."""
-    if gamma is None:
-        return y
-    if isinstance(gamma, float) and y.dtype != torch.float16:
-        return torch.add(torch.add(y, y, alpha=gamma), x, alpha=-2 * gamma)
-    return (1 + gamma) * y - (2 * gamma) * x
+def update_grads(dout: Tensor, gamma: Tensor | float) -> tuple[Tensor, Tensor | float]:
+    """The update ``b = (1+γ)·y - 2γ·x`` is linear: ``dout·(1+γ)`` flows to ``y`` (so through the layer),
+    and ``-2γ·dout`` straight to ``x``; returned as the first and the factor of the second."""
+    if isinstance(gamma, float):
+        return dout * (1 + gamma), -2 * gamma
+    g = gamma.to(dout.dtype)
+    return dout * (1 + g), -2 * g
 
 
 def _pack(t: Tensor) -> Tensor:
@@ -90,17 +84,18 @@ def _unpack(t: Tensor) -> Tensor:
     return t
 
 
-def _run_layer(call, x: Tensor, gamma: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``residual_update(call(x), x, γ)`` with grad, ``x`` as a leaf: the forward runs it exactly like the
-    backward's recompute, so attention and matmul back ends that choose kernels by ``requires_grad``
-    choose the same ones and the rebuild is bitwise. The plain saved-tensor hooks keep outer hooks
-    (offloading, byte counters) away from this short-lived graph."""
+def _run_layer(call, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``call(x)`` with grad, ``x`` as a leaf: the forward runs the layer exactly like the backward's
+    recompute, so attention and matmul back ends that choose kernels by ``requires_grad`` choose the
+    same ones and the rebuild is bitwise. The plain saved-tensor hooks keep outer hooks (offloading,
+    byte counters) away from this short-lived graph. The BDIA update runs outside it, on values
+    (``update_forward`` / ``update_backward``); its gradient is ``update_grads``."""
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
         xg = x.detach().requires_grad_()
         y = call(xg)
         if not isinstance(y, Tensor):
             raise TypeError(f"a converted layer must return a Tensor, got {type(y).__name__}")
-        return xg, residual_update(y, xg, gamma)
+        return xg, y
 
 
 PIN_CHUNK_MIN = 64 * 2 ** 20   # bytes: host copies are pinned in power-of-two chunks down to this size
@@ -207,21 +202,21 @@ class _BDIAFunction(torch.autograd.Function):
             X_cur, X_prev = tape.pair  # x is from_grid(X_cur): the previous layer returned it
             tape.pair = None           # X_prev is ours alone now: freed as soon as it is used
         ctx.rng = _rng_state(x.device)
-        gamma = None if starts else gammas(signs, m, x)
-        _, b = _run_layer(call, x, gamma)
-        b = b.detach()
+        y = _run_layer(call, x)[1].detach()
         saved = []
         if starts:
-            X_next, peak = to_grid(b), abs_max(b)
+            X_next, peak = to_grid(y), abs_max(y)
+            out = from_grid(X_next, x.dtype)
         else:
             # X_prev is the tape's alone (a run's saved pair is its last layer's X_next, X_cur): given up here.
-            # Fetched only once b is on the grid, so its copy and to_grid's temporaries do not coexist.
-            X_next, packed, peak = step_forward(b, lambda: _take(X_prev), signs.dev, m, signs.common)
+            # Eagerly it is fetched only once the update is on the grid, so its copy and to_grid's
+            # temporaries do not coexist (and with offload the eager step runs in place).
+            X_next, packed, peak, out = update_forward(y, x, lambda: _take(X_prev), signs.dev, m, signs.common,
+                                                       gammas(signs, m, x), fuse=not offload)
             del X_prev
             saved = [signs.dev, _park(packed, offload)]
             ctx.common = signs.common
-        del b
-        out = from_grid(X_next, x.dtype)
+        del y
         X_next = _park(X_next, offload)
         tape.peak = torch.maximum(tape.peak, peak)
         tape.pair, tape.pos = (X_next, X_cur), index
@@ -254,23 +249,27 @@ class _BDIAFunction(torch.autograd.Function):
         needed = [p for p, need in zip(ctx.params, ctx.needs_input_grad[6:]) if need]
         with _leaf_aliases(ctx.layer, needed) as alias, _autocast(ctx.autocast), \
                 _restored_rng(ctx.rng, ctx.device):
-            xg, b = _run_layer(ctx.call, x, gamma)
+            xg, y = _run_layer(ctx.call, x)
         leaves = [alias[id(p)] for p in needed]
-        # the graph keeps what it needs; b's values wait in bd (with offload, in host memory) for the step
-        bd, edge = _park(b.detach(), ctx.offload and not ctx.starts), root_edge(b, dout.dtype)
-        del b
-        gs = torch.autograd.grad(edge, [xg, *leaves], dout, allow_unused=True)
+        # the graph keeps what it needs; y's values wait in yd (with offload, in host memory) for the step
+        yd, edge = _park(y.detach(), ctx.offload and not ctx.starts), root_edge(y, dout.dtype)
+        del y
+        dy, dx_factor = (dout, None) if ctx.starts else update_grads(dout, gamma)
+        gs = torch.autograd.grad(edge, [xg, *leaves], dy, allow_unused=True)
+        del dy
         dx = gs[0] if gs[0] is not None else torch.zeros_like(xg)
         by_id = {id(p): g for p, g in zip(needed, gs[1:])}
         pgrads = [by_id.get(id(p)) for p in ctx.params]
         if ctx.starts:
             tape.pair, tape.pos = None, None
             return (None, None, None, None, None, dx, *pgrads)
+        # the update's own path to x; dx is autograd's fresh buffer (or our dy), ours to change
+        dx = dx.add_(dout, alpha=dx_factor) if isinstance(dx_factor, float) else dx.addcmul_(dout, dx_factor)
         with torch.no_grad():
             # with offload, X_next is a fresh copy from host memory: X_prev may overwrite it
-            X_prev = step_backward(_take(bd), _take(X_next), _take(saved[1]), signs.dev, ctx.m, signs.common,
-                                   overwrite=ctx.offload)
-            del bd, X_next, saved   # X_next's host copy too, before X_prev's is made
+            X_prev = update_backward(_take(yd), x, _take(X_next), _take(saved[1]), signs.dev, ctx.m, signs.common,
+                                     gamma, overwrite=ctx.offload)
+            del yd, X_next, saved   # X_next's host copy too, before X_prev's is made
             tape.pair = None
         # the previous layer turns X_prev into its input at once: with offload its device copy is held for that
         tape.pair, tape.pos = (X_cur, _park(X_prev, ctx.offload, keep=True)), ctx.index - 1

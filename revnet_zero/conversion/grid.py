@@ -123,18 +123,22 @@ def gamma_unstep(A: Tensor, low: Tensor, signs: Tensor, m: int, inplace: bool = 
     return _apply_signs(X, signs, common).bitwise_left_shift_(m).bitwise_or_(low)
 
 
-# ---- one BDIA step on the grid, fused on CUDA
+# ---- the BDIA update and one step on the grid, fused on CUDA
 #
-# Eagerly each step is some twenty elementwise passes over int64 tensors (to_grid, shift, sign, add,
-# pack; and back), which at 8k tokens cost about as much as the layer's own kernels. On CUDA the two
-# functions below are compiled (torch.compile) into a few fused kernels, by default. They hold only
-# integer arithmetic, exact float scaling and round-half-even, so compiled and eager results are the
-# same bits (tests/test_gpu.py checks it on CUDA, tests/test_conversion.py on the CPU back end).
-# Compiling costs some seconds at the first step and again at the first step of a new shape; a failed
-# compile warns and runs eagerly. ``revnet_zero.conversion.grid.FUSE = False`` turns it off.
+# Eagerly a step is the update ``b = (1+γ)·y - 2γ·x`` and some twenty elementwise passes over int64
+# tensors (to_grid, shift, sign, add, pack; and back), which at 8k tokens cost about as much as the
+# layer's own kernels. On CUDA ``update_forward`` / ``update_backward`` compile (torch.compile) the
+# update, the step and the conversion back to floats into a few kernels, by default. They hold only
+# products by powers of two, integer arithmetic, exact float scaling and round-half-even, and compile
+# with eager's rounding of bf16 intermediates (inductor's ``emulate_precision_casts``), so compiled and
+# eager results are the same bits (tests/test_gpu.py checks it on CUDA, tests/test_conversion.py on the
+# CPU back end). Compiling costs some seconds at the first step and again at the first step of a new
+# shape; a failed compile warns and runs eagerly. Not with offload, whose eager steps work in place
+# (memory is what offload is for). ``revnet_zero.conversion.grid.FUSE = False`` turns it off.
 
 FUSE = True
 FUSE_DEVICES = ("cuda",)   # where FUSE applies; tests add "cpu" (inductor's C++ back end) to run it there
+FUSE_DTYPES = (torch.float32, torch.bfloat16)
 _FUSED: dict = {}
 
 
@@ -144,34 +148,60 @@ def abs_max(b: Tensor) -> Tensor:
     return torch.maximum(hi.float(), -lo.float())
 
 
-def _step_forward(b: Tensor, X_prev: Tensor, signs: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
+def residual_update(y: Tensor, x: Tensor, gamma: Tensor | float | None) -> Tensor:
+    """BDIA's ``(1-γ)·x + (1+γ)·h`` with ``h = y - x``, written as ``(1+γ)·y - 2γ·x`` (no cancellation).
+    ``γ = None``: the first layer of a run, ``y`` itself. Shared by forward, backward and reference,
+    so all three round identically. For a float ``γ = ±2^-m`` it runs as ``(y + γ·y) - 2γ·x`` in two
+    ``add``s with ``alpha``: ``1 + γ`` is exact and so is every product by a power of two, so each
+    result is the same correctly rounded value as the tensor form's (tested), in two passes, not three.
+    Not for float16, whose subnormals begin at 6e-5: there ``γ·y`` can round, so it keeps the tensor
+    form's arithmetic (with the float, still one kernel per op without a broadcast operand)."""
+    if gamma is None:
+        return y
+    if isinstance(gamma, float) and y.dtype != torch.float16:
+        return torch.add(torch.add(y, y, alpha=gamma), x, alpha=-2 * gamma)
+    return (1 + gamma) * y - (2 * gamma) * x
+
+
+def _exact_update(y: Tensor, x: Tensor, gamma: Tensor | float) -> Tensor:
+    """``residual_update`` inside a compiled graph: ``(y + γ·y) - 2γ·x`` has only exact products, so a
+    compiler contracting it into fused multiply-adds cannot change a bit (float32 and bfloat16)."""
+    return (y + gamma * y) - (2 * gamma) * x
+
+
+def _update_forward(y: Tensor, x: Tensor, X_prev: Tensor, signs: Tensor, gamma,
+                    m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    b = _exact_update(y, x, gamma)
     A, low = gamma_step(X_prev, signs, m)
-    return to_grid(b) + A, pack_bits(low, m), abs_max(b)
+    X_next = to_grid(b) + A
+    return X_next, pack_bits(low, m), abs_max(b), from_grid(X_next, x.dtype)
 
 
-def _step_backward(b: Tensor, X_next: Tensor, packed: Tensor, signs: Tensor, m: int,
-                   common: int | None = None) -> Tensor:
+def _update_backward(y: Tensor, x: Tensor, X_next: Tensor, packed: Tensor, signs: Tensor, gamma, m: int) -> Tensor:
     low = unpack_bits(packed, m, X_next.shape)
-    return gamma_unstep(X_next - to_grid(b), low, signs, m, inplace=True, common=common)
+    return gamma_unstep(X_next - to_grid(_exact_update(y, x, gamma)), low, signs, m, inplace=True)
 
 
 # One function per (step, m), each its own code object with ``m`` a literal: Dynamo then never sees
 # ``m`` change, so it stays a constant of the graph. (One lambda closing over ``m`` compiled for a second
 # ``m`` made it a symbolic int, and ``1 << m`` on a symbolic int failed to trace in torch 2.11.)
 _STEPS = {
-    (_step_forward, 1): lambda b, X, s: _step_forward(b, X, s, 1),
-    (_step_forward, 2): lambda b, X, s: _step_forward(b, X, s, 2),
-    (_step_forward, 3): lambda b, X, s: _step_forward(b, X, s, 3),
-    (_step_backward, 1): lambda b, X, p, s: _step_backward(b, X, p, s, 1),
-    (_step_backward, 2): lambda b, X, p, s: _step_backward(b, X, p, s, 2),
-    (_step_backward, 3): lambda b, X, p, s: _step_backward(b, X, p, s, 3),
+    (_update_forward, 1): lambda y, x, X, s, g: _update_forward(y, x, X, s, g, 1),
+    (_update_forward, 2): lambda y, x, X, s, g: _update_forward(y, x, X, s, g, 2),
+    (_update_forward, 3): lambda y, x, X, s, g: _update_forward(y, x, X, s, g, 3),
+    (_update_backward, 1): lambda y, x, X, p, s, g: _update_backward(y, x, X, p, s, g, 1),
+    (_update_backward, 2): lambda y, x, X, p, s, g: _update_backward(y, x, X, p, s, g, 2),
+    (_update_backward, 3): lambda y, x, X, p, s, g: _update_backward(y, x, X, p, s, g, 3),
 }
 
 
 def _fused(fn, m: int):
-    """``fn`` compiled for one ``m`` (automatic dynamic shapes: static first, dynamic once a shape changes)."""
+    """``fn`` compiled for one ``m`` (automatic dynamic shapes: static first, dynamic once a shape changes),
+    rounding bf16 intermediates as eager does where inductor has that switch."""
     if (fn, m) not in _FUSED:
-        _FUSED[fn, m] = torch.compile(_STEPS[fn, m], fullgraph=True)
+        import torch._inductor.config as inductor
+        options = {"emulate_precision_casts": True} if hasattr(inductor, "emulate_precision_casts") else {}
+        _FUSED[fn, m] = torch.compile(_STEPS[fn, m], fullgraph=True, options=options)
     return _FUSED[fn, m]
 
 
@@ -194,19 +224,46 @@ def _run_fused(fn, m: int, *args):
         return None
 
 
-def step_forward(b: Tensor, X_prev: Tensor | Callable[[], Tensor], signs: Tensor,
-                 m: int, common: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """``X_next = to_grid(b) + Q[γ·x_prev]``, the packed bits that drops, and ``max |b|``. Eagerly,
-    ``X_prev`` (which the caller gives up) is shifted in place to save an int64 temporary. ``X_prev``
-    may be a function giving it: eagerly it is called once ``b`` is on the grid, so a tensor it fetches
-    (from host memory) and ``to_grid``'s temporaries are not alive together."""
+def _fuse(t: Tensor) -> bool:
+    return FUSE and t.device.type in FUSE_DEVICES and t.dtype in FUSE_DTYPES
+
+
+def update_forward(y: Tensor, x: Tensor, X_prev: Tensor | Callable[[], Tensor], signs: Tensor, m: int,
+                   common: int | None, gamma: Tensor | float, fuse: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One BDIA layer's step forward from the layer's output ``y`` and input ``x``: ``X_next`` (the grid
+    value of ``Q[γ·x_prev] + Q[residual_update(y, x, γ)]``), the packed bits it drops, the update's
+    ``max |b|`` and ``from_grid(X_next)``. Compiled where ``FUSE`` applies and ``fuse``, else eagerly."""
     fetch = X_prev if callable(X_prev) else (lambda: X_prev)
-    if FUSE and b.device.type in FUSE_DEVICES:
+    if fuse and _fuse(y):
         X = fetch()
-        out = _run_fused(_step_forward, m, b, X, signs)
+        out = _run_fused(_update_forward, m, y, x, X, signs, gamma)
         if out is not None:
             return out
         fetch = lambda: X  # noqa: E731 - fetched once
+    b = residual_update(y, x, gamma)
+    X_next, packed, peak = step_forward(b, fetch, signs, m, common)
+    del b
+    return X_next, packed, peak, from_grid(X_next, x.dtype)
+
+
+def update_backward(y: Tensor, x: Tensor, X_next: Tensor, packed: Tensor, signs: Tensor, m: int,
+                    common: int | None, gamma: Tensor | float, overwrite: bool = False) -> Tensor:
+    """``X_prev`` from ``X_next``, the recomputed layer output ``y`` and input ``x``, and the stored bits:
+    exact. Compiled where ``FUSE`` applies, unless ``overwrite`` (``X_prev`` in ``X_next``'s memory, eagerly)."""
+    if not overwrite and _fuse(y):
+        out = _run_fused(_update_backward, m, y, x, X_next, packed, signs, gamma)
+        if out is not None:
+            return out
+    return step_backward(residual_update(y, x, gamma), X_next, packed, signs, m, common, overwrite)
+
+
+def step_forward(b: Tensor, X_prev: Tensor | Callable[[], Tensor], signs: Tensor,
+                 m: int, common: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Eagerly, ``X_next = to_grid(b) + Q[γ·x_prev]``, the packed bits that drops, and ``max |b|``.
+    ``X_prev`` (which the caller gives up) is shifted in place to save an int64 temporary. ``X_prev``
+    may be a function giving it: it is called once ``b`` is on the grid, so a tensor it fetches
+    (from host memory) and ``to_grid``'s temporaries are not alive together."""
+    fetch = X_prev if callable(X_prev) else (lambda: X_prev)
     X_next = to_grid(b)
     A, low = gamma_step(fetch(), signs, m, inplace=True, common=common)
     X_next += A
@@ -215,13 +272,8 @@ def step_forward(b: Tensor, X_prev: Tensor | Callable[[], Tensor], signs: Tensor
 
 def step_backward(b: Tensor, X_next: Tensor, packed: Tensor, signs: Tensor, m: int,
                   common: int | None = None, overwrite: bool = False) -> Tensor:
-    """``X_prev`` from ``X_next``, the layer's recomputed ``b`` and the stored bits: exact.
-    ``overwrite``: ``X_prev`` may be computed in ``X_next``'s memory (eagerly: one int64 temporary less)."""
-    if FUSE and b.device.type in FUSE_DEVICES:
-        out = _run_fused(_step_backward, m, b, X_next, packed, signs)
-        if out is not None:
-            return out
-    if not overwrite:
-        return _step_backward(b, X_next, packed, signs, m, common)
+    """Eagerly, ``X_prev`` from ``X_next``, the layer's recomputed ``b`` and the stored bits: exact.
+    ``overwrite``: ``X_prev`` may be computed in ``X_next``'s memory (one int64 temporary less)."""
     low = unpack_bits(packed, m, X_next.shape)
-    return gamma_unstep(X_next.sub_(to_grid(b)), low, signs, m, inplace=True, common=common)
+    X = X_next.sub_(to_grid(b)) if overwrite else X_next - to_grid(b)
+    return gamma_unstep(X, low, signs, m, inplace=True, common=common)

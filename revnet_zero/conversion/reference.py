@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .bdia import BDIALayer, draw_signs, gammas, residual_update
-from .grid import GRID_BITS
+from .bdia import BDIALayer, draw_signs, gammas
+from .grid import GRID_BITS, residual_update
 from .wrapping import layer_arguments
 
 _SCALE = 2.0 ** GRID_BITS
