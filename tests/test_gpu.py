@@ -7,7 +7,6 @@ most twice plain bf16 autograd's own error plus 1e-3.
 """
 import copy
 
-
 import pytest
 import torch
 
