@@ -202,21 +202,23 @@ class _BDIAFunction(torch.autograd.Function):
             X_cur, X_prev = tape.pair  # x is from_grid(X_cur): the previous layer returned it
             tape.pair = None           # X_prev is ours alone now: freed as soon as it is used
         ctx.rng = _rng_state(x.device)
-        y = _run_layer(call, x)[1].detach()
         saved = []
         if starts:
+            y = _run_layer(call, x)[1].detach()
             X_next, peak = to_grid(y), abs_max(y)
+            del y
             out = from_grid(X_next, x.dtype)
         else:
             # X_prev is the tape's alone (a run's saved pair is its last layer's X_next, X_cur): given up here.
             # Eagerly it is fetched only once the update is on the grid, so its copy and to_grid's
-            # temporaries do not coexist (and with offload the eager step runs in place).
-            X_next, packed, peak, out = update_forward(y, x, lambda: _take(X_prev), signs.dev, m, signs.common,
-                                                       gammas(signs, m, x), fuse=not offload)
+            # temporaries do not coexist (and with offload the eager step runs in place). The layer's
+            # output goes in unnamed, so the eager update can free it once it has made b.
+            X_next, packed, peak, out = update_forward(_run_layer(call, x)[1].detach(), x, lambda: _take(X_prev),
+                                                       signs.dev, m, signs.common, gammas(signs, m, x),
+                                                       fuse=not offload)
             del X_prev
             saved = [signs.dev, _park(packed, offload)]
             ctx.common = signs.common
-        del y
         X_next = _park(X_next, offload)
         tape.peak = torch.maximum(tape.peak, peak)
         tape.pair, tape.pos = (X_next, X_cur), index

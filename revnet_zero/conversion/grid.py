@@ -241,6 +241,7 @@ def update_forward(y: Tensor, x: Tensor, X_prev: Tensor | Callable[[], Tensor], 
             return out
         fetch = lambda: X  # noqa: E731 - fetched once
     b = residual_update(y, x, gamma)
+    del y   # the caller passes it unnamed: b replaces it
     X_next, packed, peak = step_forward(b, fetch, signs, m, common)
     del b
     return X_next, packed, peak, from_grid(X_next, x.dtype)
@@ -254,7 +255,9 @@ def update_backward(y: Tensor, x: Tensor, X_next: Tensor, packed: Tensor, signs:
         out = _run_fused(_update_backward, m, y, x, X_next, packed, signs, gamma)
         if out is not None:
             return out
-    return step_backward(residual_update(y, x, gamma), X_next, packed, signs, m, common, overwrite)
+    b = residual_update(y, x, gamma)
+    del y   # with offload the caller's is a fresh copy from host memory: b replaces it
+    return step_backward(b, X_next, packed, signs, m, common, overwrite)
 
 
 def step_forward(b: Tensor, X_prev: Tensor | Callable[[], Tensor], signs: Tensor,
