@@ -130,7 +130,8 @@ def gamma_unstep(A: Tensor, low: Tensor, signs: Tensor, m: int, inplace: bool = 
 # layer's own kernels. On CUDA ``update_forward`` / ``update_backward`` compile (torch.compile) the
 # update, the step and the conversion back to floats into a few kernels, by default. They hold only
 # products by powers of two, integer arithmetic, exact float scaling and round-half-even, and compile
-# with eager's rounding of bf16 intermediates (inductor's ``emulate_precision_casts``), so compiled and
+# with eager's rounding of bf16 intermediates (inductor's ``emulate_precision_casts``; a torch without
+# it runs bf16 eagerly), so compiled and
 # eager results are the same bits (tests/test_gpu.py checks it on CUDA, tests/test_conversion.py on the
 # CPU back end). Compiling costs some seconds at the first step and again at the first step of a new
 # shape; a failed compile warns and runs eagerly. Not with offload, whose eager steps work in place
@@ -199,8 +200,7 @@ def _fused(fn, m: int):
     """``fn`` compiled for one ``m`` (automatic dynamic shapes: static first, dynamic once a shape changes),
     rounding bf16 intermediates as eager does where inductor has that switch."""
     if (fn, m) not in _FUSED:
-        import torch._inductor.config as inductor
-        options = {"emulate_precision_casts": True} if hasattr(inductor, "emulate_precision_casts") else {}
+        options = {"emulate_precision_casts": True} if _emulates_precision_casts() else {}
         _FUSED[fn, m] = torch.compile(_STEPS[fn, m], fullgraph=True, options=options)
     return _FUSED[fn, m]
 
@@ -225,7 +225,17 @@ def _run_fused(fn, m: int, *args):
 
 
 def _fuse(t: Tensor) -> bool:
-    return FUSE and t.device.type in FUSE_DEVICES and t.dtype in FUSE_DTYPES
+    """Whether the compiled step runs for ``t``: bf16 only where inductor can round its intermediates as
+    eager does (else the compiled and the eager step could differ, and a fallback between a step's
+    forward and its backward would break the inverse)."""
+    if not (FUSE and t.device.type in FUSE_DEVICES and t.dtype in FUSE_DTYPES):
+        return False
+    return t.dtype != torch.bfloat16 or _emulates_precision_casts()
+
+
+def _emulates_precision_casts() -> bool:
+    import torch._inductor.config as inductor
+    return hasattr(inductor, "emulate_precision_casts")
 
 
 def update_forward(y: Tensor, x: Tensor, X_prev: Tensor | Callable[[], Tensor], signs: Tensor, m: int,
