@@ -131,9 +131,8 @@ def gamma_unstep(A: Tensor, low: Tensor, signs: Tensor, m: int, inplace: bool = 
 # update, the step and the conversion back to floats into a few kernels, by default. They hold only
 # products by powers of two, integer arithmetic, exact float scaling and round-half-even, and compile
 # with eager's rounding of bf16 intermediates (inductor's ``emulate_precision_casts``; a torch without
-# it runs bf16 eagerly), so compiled and
-# eager results are the same bits (tests/test_gpu.py checks it on CUDA, tests/test_conversion.py on the
-# CPU back end). Compiling costs some seconds at the first step and again at the first step of a new
+# it runs bf16 eagerly), so compiled and eager results are the same bits (tests/test_conversion.py
+# checks it on CUDA and on the CPU back end). Compiling costs some seconds at the first step and again at the first step of a new
 # shape; a failed compile warns and runs eagerly. Not with offload, whose eager steps work in place
 # (memory is what offload is for). ``revnet_zero.conversion.grid.FUSE = False`` turns it off.
 
