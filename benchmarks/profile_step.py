@@ -53,5 +53,6 @@ def report(title: str, step, top: int = 12) -> None:
           f"{busy * 1e3:.1f} ms ({busy / wall:.0%})")
     print(events.table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=60))
 
+
 if __name__ == "__main__":
     main()

@@ -312,8 +312,8 @@ def test_compiled_update_step_is_the_eager_one(device, monkeypatch):
         for dtype in (torch.bfloat16, torch.float32):
             for common in (1, -1, None):
                 S, D = (31, 7) if common is None else (64, 16)
-                signs = torch.tensor([1, -1] if common is None else [common, common], device=device)
-                gamma = bdia_module.gammas(bdia_module.Signs(signs, common), m, torch.empty(1, 1, 1, dtype=dtype))
+                signs = bdia_module.Signs(torch.tensor([1, -1] if common is None else [common, common],
+                                                       device=device), common)
                 y = (torch.randn(2, S, D, generator=g) * 10 ** torch.randint(-3, 4, (2, S, 1), generator=g)).to(device, dtype)
                 x = (torch.randn(2, S, D, generator=g) * 5).to(device, dtype)
                 X_prev = torch.randint(-2 ** 40, 2 ** 40, (2, S, D), generator=g).to(device)
@@ -322,8 +322,8 @@ def test_compiled_update_step_is_the_eager_one(device, monkeypatch):
                     monkeypatch.setattr(grid, "FUSE", fuse)
                     with warnings.catch_warnings():
                         warnings.simplefilter("error", RuntimeWarning)
-                        fwd = grid.update_forward(y, x, X_prev.clone(), signs, m, common, gamma)
-                        back = grid.update_backward(y, x, fwd[0].clone(), fwd[1], signs, m, common, gamma)
+                        fwd = grid.update_forward(y, x, X_prev.clone(), signs, m)
+                        back = grid.update_backward(y, x, fwd[0].clone(), fwd[1], signs, m)
                     assert grid.FUSE == fuse
                     runs.append((*fwd, back))
                 where = (m, dtype, common)

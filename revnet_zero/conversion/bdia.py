@@ -22,7 +22,6 @@ passed straight through). ``reference.py`` computes the same function with plain
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -31,15 +30,8 @@ from torch.autograd.function import once_differentiable
 from ..engine import (_autocast, _autocast_state, _keep_graph, _leaf_aliases, _restored_rng, _rng_state,
                       root_edge)
 from ..ops.kept_attention import _side_stream
-from .grid import abs_max, check_range, from_grid, to_grid, update_backward, update_forward
+from .grid import Signs, abs_max, check_range, from_grid, gammas, to_grid, update_backward, update_forward
 from .wrapping import WrappedLayer, _Stack, layer_arguments
-
-
-class Signs(NamedTuple):
-    """The signs of ``γ`` for one layer: ``dev``, ``[B]`` of ±1 on the layer's device (the grid step's
-    operand), and ``common``, the sign every sample has if they agree (always at batch 1), else None."""
-    dev: Tensor
-    common: int | None
 
 
 def draw_signs(batch: int, device: torch.device) -> Signs:
@@ -59,23 +51,6 @@ def draw_signs(batch: int, device: torch.device) -> Signs:
     return Signs(host.to(device), None)
 
 
-def gammas(signs: Signs, m: int, like: Tensor) -> Tensor | float:
-    """``γ = signs · 2^-m``: a Python float when every sample has the same sign, else a tensor in
-    ``like``'s dtype shaped ``[B, 1, ..., 1]`` to broadcast against it."""
-    if signs.common is not None:
-        return signs.common * 2.0 ** -m
-    return (signs.dev.to(like.dtype) * 2.0 ** -m).view(-1, *[1] * (like.dim() - 1))
-
-
-def update_grads(dout: Tensor, gamma: Tensor | float) -> tuple[Tensor, Tensor | float]:
-    """The update ``b = (1+γ)·y - 2γ·x`` is linear: ``dout·(1+γ)`` flows to ``y`` (so through the layer),
-    and ``-2γ·dout`` straight to ``x``; returned as the first and the factor of the second."""
-    if isinstance(gamma, float):
-        return dout * (1 + gamma), -2 * gamma
-    g = gamma.to(dout.dtype)
-    return dout * (1 + g), -2 * g
-
-
 def _pack(t: Tensor) -> Tensor:
     return t.detach()  # not t itself: a saved output would then hold its own grad_fn, a cycle that leaks the graph
 
@@ -89,7 +64,7 @@ def _run_layer(call, x: Tensor) -> tuple[Tensor, Tensor]:
     recompute, so attention and matmul back ends that choose kernels by ``requires_grad`` choose the
     same ones and the rebuild is bitwise. The plain saved-tensor hooks keep outer hooks (offloading,
     byte counters) away from this short-lived graph. The BDIA update runs outside it, on values
-    (``update_forward`` / ``update_backward``); its gradient is ``update_grads``."""
+    (``update_forward`` / ``update_backward``); its gradient is written out in the backward."""
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
         xg = x.detach().requires_grad_()
         y = call(xg)
@@ -214,8 +189,7 @@ class _BDIAFunction(torch.autograd.Function):
             # temporaries do not coexist (and with offload the eager step runs in place). The layer's
             # output goes in unnamed, so the eager update can free it once it has made b.
             X_next, packed, peak, out = update_forward(_run_layer(call, x)[1].detach(), x, lambda: _take(X_prev),
-                                                       signs.dev, m, signs.common, gammas(signs, m, x),
-                                                       fuse=not offload)
+                                                       signs, m, fuse=not offload)
             del X_prev
             saved = [signs.dev, _park(packed, offload)]
             ctx.common = signs.common
@@ -256,7 +230,9 @@ class _BDIAFunction(torch.autograd.Function):
         # the graph keeps what it needs; y's values wait in yd (with offload, in host memory) for the step
         yd, edge = _park(y.detach(), ctx.offload and not ctx.starts), root_edge(y, dout.dtype)
         del y
-        dy, dx_factor = (dout, None) if ctx.starts else update_grads(dout, gamma)
+        # the update b = (1+γ)·y - 2γ·x is linear: dout·(1+γ) flows to y, through the layer
+        g = gamma if gamma is None or isinstance(gamma, float) else gamma.to(dout.dtype)
+        dy = dout if ctx.starts else dout * (1 + g)
         gs = torch.autograd.grad(edge, [xg, *leaves], dy, allow_unused=True)
         del dy
         dx = gs[0] if gs[0] is not None else torch.zeros_like(xg)
@@ -265,18 +241,17 @@ class _BDIAFunction(torch.autograd.Function):
         if ctx.starts:
             tape.pair, tape.pos = None, None
             return (None, None, None, None, None, dx, *pgrads)
-        # the update's own path to x; dx is autograd's fresh buffer (or our dy), ours to change
-        dx = dx.add_(dout, alpha=dx_factor) if isinstance(dx_factor, float) else dx.addcmul_(dout, dx_factor)
+        # and -2γ·dout straight to x; dx is autograd's fresh buffer (or our dy), ours to change
+        dx = dx.add_(dout, alpha=-2 * g) if isinstance(g, float) else dx.addcmul_(dout, g, value=-2)
         with torch.no_grad():
             # with offload, X_next is a fresh copy from host memory: X_prev may overwrite it
-            X_prev = update_backward(_take(yd), x, _take(X_next), _take(saved[1]), signs.dev, ctx.m, signs.common,
-                                     gamma, overwrite=ctx.offload)
+            X_prev = update_backward(_take(yd), x, _take(X_next), _take(saved[1]), signs, ctx.m,
+                                     overwrite=ctx.offload)
             del yd, X_next, saved   # X_next's host copy too, before X_prev's is made
             tape.pair = None
         # the previous layer turns X_prev into its input at once: with offload its device copy is held for that
         tape.pair, tape.pos = (X_cur, _park(X_prev, ctx.offload, keep=True)), ctx.index - 1
-        dprev = dout * gamma if isinstance(gamma, float) else dout * gamma.to(dout.dtype)
-        return (None, None, None, None, dprev, dx, *pgrads)
+        return (None, None, None, None, dout * g, dx, *pgrads)
 
 
 class BDIALayer(WrappedLayer):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -96,6 +97,21 @@ def unpack_bits(packed: Tensor, m: int, shape: torch.Size) -> Tensor:
     return r.view(-1)[:shape.numel()].view(shape)
 
 
+class Signs(NamedTuple):
+    """The signs of ``γ`` for one layer: ``dev``, ``[B]`` of ±1 on the layer's device (the grid step's
+    operand), and ``common``, the sign every sample has if they agree (always at batch 1), else None."""
+    dev: Tensor
+    common: int | None
+
+
+def gammas(signs: Signs, m: int, like: Tensor) -> Tensor | float:
+    """``γ = signs · 2^-m``: a Python float when every sample has the same sign, else a tensor in
+    ``like``'s dtype shaped ``[B, 1, ..., 1]`` to broadcast against it."""
+    if signs.common is not None:
+        return signs.common * 2.0 ** -m
+    return (signs.dev.to(like.dtype) * 2.0 ** -m).view(-1, *[1] * (like.dim() - 1))
+
+
 def _apply_signs(A: Tensor, signs: Tensor, common: int | None) -> Tensor:
     """``A *= signs`` (per sample), in place; with a ``common`` sign one pass or none."""
     if common == 1:
@@ -109,7 +125,7 @@ def gamma_step(X_prev: Tensor, signs: Tensor, m: int, inplace: bool = False,
                common: int | None = None) -> tuple[Tensor, Tensor]:
     """``Q[γ · x_prev]`` on the grid for ``γ = signs · 2^-m`` (signs ``[B]`` of ±1): ``signs · (X_prev >> m)``,
     and the ``m`` low bits it drops (uint8). ``inplace`` computes the first in ``X_prev``'s memory;
-    ``common``: the sign of every sample, if they agree (see ``bdia.Signs``)."""
+    ``common``: the sign of every sample, if they agree (see ``Signs``)."""
     low = X_prev.to(torch.uint8).bitwise_and_((1 << m) - 1)  # int64 -> uint8 keeps the low 8 bits
     A = X_prev.bitwise_right_shift_(m) if inplace else X_prev >> m
     return _apply_signs(A, signs, common), low
@@ -237,55 +253,56 @@ def _emulates_precision_casts() -> bool:
     return hasattr(inductor, "emulate_precision_casts")
 
 
-def update_forward(y: Tensor, x: Tensor, X_prev: Tensor | Callable[[], Tensor], signs: Tensor, m: int,
-                   common: int | None, gamma: Tensor | float, fuse: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def update_forward(y: Tensor, x: Tensor, X_prev: Tensor | Callable[[], Tensor], signs: Signs, m: int,
+                   fuse: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One BDIA layer's step forward from the layer's output ``y`` and input ``x``: ``X_next`` (the grid
     value of ``Q[γ·x_prev] + Q[residual_update(y, x, γ)]``), the packed bits it drops, the update's
     ``max |b|`` and ``from_grid(X_next)``. Compiled where ``FUSE`` applies and ``fuse``, else eagerly."""
-    fetch = X_prev if callable(X_prev) else (lambda: X_prev)
+    fetch, gamma = (X_prev if callable(X_prev) else (lambda: X_prev)), gammas(signs, m, x)
     if fuse and _fuse(y):
         X = fetch()
-        out = _run_fused(_update_forward, m, y, x, X, signs, gamma)
+        out = _run_fused(_update_forward, m, y, x, X, signs.dev, gamma)
         if out is not None:
             return out
         fetch = lambda: X  # noqa: E731 - fetched once
     b = residual_update(y, x, gamma)
     del y   # the caller passes it unnamed: b replaces it
-    X_next, packed, peak = step_forward(b, fetch, signs, m, common)
+    X_next, packed, peak = step_forward(b, fetch, signs, m)
     del b
     return X_next, packed, peak, from_grid(X_next, x.dtype)
 
 
-def update_backward(y: Tensor, x: Tensor, X_next: Tensor, packed: Tensor, signs: Tensor, m: int,
-                    common: int | None, gamma: Tensor | float, overwrite: bool = False) -> Tensor:
+def update_backward(y: Tensor, x: Tensor, X_next: Tensor, packed: Tensor, signs: Signs, m: int,
+                    overwrite: bool = False) -> Tensor:
     """``X_prev`` from ``X_next``, the recomputed layer output ``y`` and input ``x``, and the stored bits:
     exact. Compiled where ``FUSE`` applies, unless ``overwrite`` (``X_prev`` in ``X_next``'s memory, eagerly)."""
+    gamma = gammas(signs, m, x)
     if not overwrite and _fuse(y):
-        out = _run_fused(_update_backward, m, y, x, X_next, packed, signs, gamma)
+        out = _run_fused(_update_backward, m, y, x, X_next, packed, signs.dev, gamma)
         if out is not None:
             return out
     b = residual_update(y, x, gamma)
     del y   # with offload the caller's is a fresh copy from host memory: b replaces it
-    return step_backward(b, X_next, packed, signs, m, common, overwrite)
+    return step_backward(b, X_next, packed, signs, m, overwrite)
 
 
-def step_forward(b: Tensor, X_prev: Tensor | Callable[[], Tensor], signs: Tensor,
-                 m: int, common: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def step_forward(b: Tensor, X_prev: Tensor | Callable[[], Tensor], signs: Signs,
+                 m: int) -> tuple[Tensor, Tensor, Tensor]:
     """Eagerly, ``X_next = to_grid(b) + Q[γ·x_prev]``, the packed bits that drops, and ``max |b|``.
     ``X_prev`` (which the caller gives up) is shifted in place to save an int64 temporary. ``X_prev``
     may be a function giving it: it is called once ``b`` is on the grid, so a tensor it fetches
     (from host memory) and ``to_grid``'s temporaries are not alive together."""
     fetch = X_prev if callable(X_prev) else (lambda: X_prev)
     X_next = to_grid(b)
-    A, low = gamma_step(fetch(), signs, m, inplace=True, common=common)
+    A, low = gamma_step(fetch(), signs.dev, m, inplace=True, common=signs.common)
     X_next += A
     return X_next, pack_bits(low, m), abs_max(b)
 
 
-def step_backward(b: Tensor, X_next: Tensor, packed: Tensor, signs: Tensor, m: int,
-                  common: int | None = None, overwrite: bool = False) -> Tensor:
+def step_backward(b: Tensor, X_next: Tensor, packed: Tensor, signs: Signs, m: int,
+                  overwrite: bool = False) -> Tensor:
     """Eagerly, ``X_prev`` from ``X_next``, the layer's recomputed ``b`` and the stored bits: exact.
     ``overwrite``: ``X_prev`` may be computed in ``X_next``'s memory (one int64 temporary less)."""
     low = unpack_bits(packed, m, X_next.shape)
     X = X_next.sub_(to_grid(b)) if overwrite else X_next - to_grid(b)
-    return gamma_unstep(X, low, signs, m, inplace=True, common=common)
+    return gamma_unstep(X, low, signs.dev, m, inplace=True, common=signs.common)
