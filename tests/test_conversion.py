@@ -88,6 +88,30 @@ def layers_of(model):
     return base.h if hasattr(base, "h") else base.layers
 
 
+@contextlib.contextmanager
+def layer_inputs(model):
+    """Each BDIA layer's input as the pretrained layer receives it, per layer index: in a training step
+    its forward's, then its recompute's in the backward. The floats the layer sees, wherever they were
+    made (eagerly, or by the compiled grid step on the GPU)."""
+    seen = {}
+    hooks = [m.layer.register_forward_pre_hook(
+                 lambda mod, args, i=m.index: seen.setdefault(i, []).append(args[0].detach().clone()))
+             for m in model.modules() if isinstance(m, bdia_module.BDIALayer)]
+    try:
+        yield seen
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def assert_rebuilt_bitwise(seen, layers):
+    """Every layer ran twice (forward, recompute) on the same bits."""
+    assert sorted(seen) == list(range(layers)), sorted(seen)
+    for i, xs in seen.items():
+        assert len(xs) == 2, (i, len(xs))
+        assert torch.equal(xs[0], xs[1]), (i, (xs[0] != xs[1]).sum().item(), xs[0].numel())
+
+
 # ---------------------------------------------------------------- eval: the original model, exactly
 
 @pytest.mark.parametrize("name", list(BUILDERS))
@@ -261,12 +285,17 @@ def test_rebuilt_activations_are_bitwise_the_forward_ones(monkeypatch):
     from revnet_zero.conversion import grid
     monkeypatch.setattr(bdia_module, "from_grid", recording)
     monkeypatch.setattr(grid, "from_grid", recording)   # the step's own output (update_forward)
-    train_step(converted, ids())
+    with layer_inputs(converted) as inputs:
+        train_step(converted, ids())
     forward, backward = seen[:6], seen[6:]  # X_0..X_5, then X_4..X_0
     assert len(backward) == 5
     assert max(X.abs().max().item() for X in forward) > 2 ** 24
     for k, X in zip(range(4, -1, -1), backward):
         assert torch.equal(X, forward[k]), k
+    assert_rebuilt_bitwise(inputs, 5)   # and the floats the layers ran on (the GPU tests' check)
+    inputs[2][1] = inputs[2][1].nextafter(torch.tensor(float("inf")))   # which a one-ulp change fails
+    with pytest.raises(AssertionError):
+        assert_rebuilt_bitwise(inputs, 5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (SDPA's CUDA back ends)")
@@ -281,13 +310,11 @@ def test_bdia_on_cuda(name, autocast, monkeypatch):
     converted = convert_to_reversible(original, verbose=False)
     reference = bdia_reference(original)
     x = ids(2, 256).cuda()
-    seen, real = [], bdia_module.from_grid
-    monkeypatch.setattr(bdia_module, "from_grid", lambda X, dtype: (seen.append(X.clone()), real(X, dtype))[1])
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        loss, grads = train_step(converted, x)
+        with layer_inputs(converted) as seen:
+            loss, grads = train_step(converted, x)
         ref_loss, ref_grads = train_step(reference, x)
-    forward, backward = seen[:4], seen[4:]
-    assert all(torch.equal(X, forward[k]) for k, X in zip((2, 1, 0), backward))
+    assert_rebuilt_bitwise(seen, 3)
     assert torch.equal(loss, ref_loss)
     assert max(rel_err(grads[n], ref_grads[n]) for n in grads) <= (1e-2 if autocast else 1e-5)
     with torch.no_grad():
@@ -326,8 +353,10 @@ def test_compiled_update_step_is_the_eager_one(device, monkeypatch):
                         back = grid.update_backward(y, x, fwd[0].clone(), fwd[1], signs, m)
                     assert grid.FUSE == fuse
                     runs.append((*fwd, back))
+                names = ("X_next", "packed bits", "max |b|", "float output", "X_prev rebuilt")
+                differ = {n: (e != f).sum().item() for n, e, f in zip(names, *runs) if not torch.equal(e, f)}
                 where = (m, dtype, common)
-                assert all(torch.equal(e, f) for e, f in zip(*runs)), where
+                assert not differ, (where, differ)   # elements that differ, per output
                 assert torch.equal(runs[1][-1], X_prev), where
 
 
@@ -772,19 +801,15 @@ def test_offload_on_cuda_same_bits_less_memory(monkeypatch):
     results = {}
     for offload in (False, True):
         converted = convert_to_reversible(original, verbose=False, offload=offload)
-        seen, real = [], bdia_module.from_grid
-        monkeypatch.setattr(bdia_module, "from_grid", lambda X, dtype: (seen.append(X.clone()), real(X, dtype))[1])
-        train_step(converted, x)   # warm: kernels, handles, pinned blocks
-        seen.clear()
+        with layer_inputs(converted) as seen:   # its copies on the GPU: not in the measured step
+            train_step(converted, x)   # also the warm-up: kernels, handles, pinned blocks
+        assert_rebuilt_bitwise(seen, 4)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         loss, grads = train_step(converted, x)
         torch.cuda.synchronize()
         results[offload] = (loss, grads, torch.cuda.max_memory_allocated() - base)
-        forward, backward = seen[:5], seen[5:]
-        assert all(torch.equal(X, forward[k]) for k, X in zip((3, 2, 1, 0), backward)), offload
-        monkeypatch.setattr(bdia_module, "from_grid", real)
         del converted
     (loss, grads, peak), (off_loss, off_grads, off_peak) = results[False], results[True]
     assert torch.equal(loss, off_loss)

@@ -45,12 +45,20 @@ def check_range(peak: Tensor) -> None:
 
 
 def from_grid(X: Tensor, dtype: torch.dtype) -> Tensor:
-    """The float value of grid integers ``X`` in ``dtype``: ``X`` rounded to ``dtype`` (as ``X.to(dtype)``
-    rounds it), times 2^-GRID_BITS (exact). For float32 (the default dtype, which an int64 tensor times a
+    """The float value of grid integers ``X`` in ``dtype``: ``X`` rounded to ``dtype`` as ``X.to(dtype)``
+    rounds it, times 2^-GRID_BITS (exact). For float32 (the default dtype, which an int64 tensor times a
     Python float gives), one pass: the multiply reads int64 and converts it on the fly (the same
-    conversion)."""
+    conversion).
+
+    ``X.to(bfloat16)`` (and float16) rounds twice in PyTorch's kernels, CPU and CUDA: int64 to float32,
+    then float32 to the half type (their only constructor takes a float). Compiled for CUDA with
+    ``emulate_precision_casts``, inductor converts int64 to bfloat16 in one step (Triton's direct
+    conversion, rounded once), which differs where the float32 value is a bf16 tie; so in a compiled
+    graph the float32 step is written out, and both give the same bits (tested on the GPU)."""
     if dtype == torch.float32 == torch.get_default_dtype():
         return X * 2.0 ** -GRID_BITS
+    if torch.compiler.is_compiling() and dtype in (torch.bfloat16, torch.float16):
+        return X.to(torch.float32).to(dtype).mul_(2.0 ** -GRID_BITS)
     return X.to(dtype).mul_(2.0 ** -GRID_BITS)
 
 
