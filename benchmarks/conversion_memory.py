@@ -150,7 +150,7 @@ def main(argv=None) -> None:
                    "gamma0": a.gamma0 if mode == "bdia" else None,
                    "mlp_chunk": a.mlp_chunk if mode == "bdia" else None,
                    "offload": a.offload and mode == "bdia", "resident_layers": a.resident_layers,
-                   "fused_grid": mode == "bdia" and _fused_grid(), **_host_stats()}
+                   "fused_grid": mode == "bdia" and not a.offload and _fused_grid(), **_host_stats()}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in env}), flush=True)
             if r.status == "oom":
@@ -189,7 +189,7 @@ def write(stem: str, rows: list[dict], env: dict, a) -> None:
              f"batch 1, fused head+loss in every mode, BDIA gamma0 = {a.gamma0}, BDIA MLP "
              f"{f'tiles of {a.mlp_chunk} positions' if a.mlp_chunk else 'untiled'}"
              f"{', offload (grid tensors and kept bits in pinned host memory)' if a.offload else ''}"
-             f"{', eager grid step' if a.eager_grid else ', compiled grid step'}. Step: median of 2 below 128k "
+             f"{', eager grid step' if a.eager_grid or a.offload else ', compiled grid step'}. Step: median of 2 below 128k "
              "tokens, one step from 128k" + (" (after a warm-up step of the same length)." if a.long_warm_same
                                              else " (after a warm-up step of 8192 tokens).")
              + (f" {a.resident_layers} layers' weights on the GPU, {a.layers} of them run." if a.resident_layers

@@ -326,7 +326,8 @@ def test_bdia_on_cuda(name, autocast, monkeypatch):
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_compiled_update_step_is_the_eager_one(device, monkeypatch):
     """The compiled BDIA update + grid step (torch.compile; the CUDA default, compiled for the CPU's
-    back end too) gives the eager bits, forward (X_next, packed bits, max |b|, the float output) and
+    back end too) gives the eager bits, forward (X_next, packed bits, max |b|, the float output, which
+    is eager from_grid in both since inductor on CUDA rounds int64 to bf16 otherwise in ~1 element in 2^17) and
     backward (X_prev rebuilt exactly), for m = 1..3, bf16 and fp32, one sign for the batch (γ a float,
     either sign) or one per sample (γ a tensor), and a size whose bits do not fill whole bytes. Many
     graphs in one process: one lambda closing over m used to make m symbolic at its second value (which

@@ -48,17 +48,12 @@ def from_grid(X: Tensor, dtype: torch.dtype) -> Tensor:
     """The float value of grid integers ``X`` in ``dtype``: ``X`` rounded to ``dtype`` as ``X.to(dtype)``
     rounds it, times 2^-GRID_BITS (exact). For float32 (the default dtype, which an int64 tensor times a
     Python float gives), one pass: the multiply reads int64 and converts it on the fly (the same
-    conversion).
-
-    ``X.to(bfloat16)`` (and float16) rounds twice in PyTorch's kernels, CPU and CUDA: int64 to float32,
-    then float32 to the half type (their only constructor takes a float). Compiled for CUDA with
-    ``emulate_precision_casts``, inductor converts int64 to bfloat16 in one step (Triton's direct
-    conversion, rounded once), which differs where the float32 value is a bf16 tie; so in a compiled
-    graph the float32 step is written out, and both give the same bits (tested on the GPU)."""
+    conversion). Always eager, also after the compiled step: on CUDA, inductor's kernels round int64 to
+    bfloat16 differently from PyTorch's own in about 1 element in 2^17 (measured on an H200, torch 2.11,
+    even written as ``.to(float32).to(bfloat16)``), and the backward's rebuild feeds the layer
+    ``from_grid`` of the rebuilt integers, which must be the forward's bits."""
     if dtype == torch.float32 == torch.get_default_dtype():
         return X * 2.0 ** -GRID_BITS
-    if torch.compiler.is_compiling() and dtype in (torch.bfloat16, torch.float16):
-        return X.to(torch.float32).to(dtype).mul_(2.0 ** -GRID_BITS)
     return X.to(dtype).mul_(2.0 ** -GRID_BITS)
 
 
@@ -152,7 +147,7 @@ def gamma_unstep(A: Tensor, low: Tensor, signs: Tensor, m: int, inplace: bool = 
 # Eagerly a step is the update ``b = (1+γ)·y - 2γ·x`` and some twenty elementwise passes over int64
 # tensors (to_grid, shift, sign, add, pack; and back), which at 8k tokens cost about as much as the
 # layer's own kernels. On CUDA ``update_forward`` / ``update_backward`` compile (torch.compile) the
-# update, the step and the conversion back to floats into a few kernels, by default. They hold only
+# update and the step into a few kernels, by default (``from_grid`` stays eager: see there). They hold only
 # products by powers of two, integer arithmetic, exact float scaling and round-half-even, and compile
 # with eager's rounding of bf16 intermediates (inductor's ``emulate_precision_casts``; a torch without
 # it runs bf16 eagerly), so compiled and eager results are the same bits (tests/test_conversion.py
@@ -194,11 +189,11 @@ def _exact_update(y: Tensor, x: Tensor, gamma: Tensor | float) -> Tensor:
 
 
 def _update_forward(y: Tensor, x: Tensor, X_prev: Tensor, signs: Tensor, gamma,
-                    m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                    m: int) -> tuple[Tensor, Tensor, Tensor]:
     b = _exact_update(y, x, gamma)
     A, low = gamma_step(X_prev, signs, m)
     X_next = to_grid(b) + A
-    return X_next, pack_bits(low, m), abs_max(b), from_grid(X_next, x.dtype)
+    return X_next, pack_bits(low, m), abs_max(b)
 
 
 def _update_backward(y: Tensor, x: Tensor, X_next: Tensor, packed: Tensor, signs: Tensor, gamma, m: int) -> Tensor:
@@ -265,13 +260,14 @@ def update_forward(y: Tensor, x: Tensor, X_prev: Tensor | Callable[[], Tensor], 
                    fuse: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One BDIA layer's step forward from the layer's output ``y`` and input ``x``: ``X_next`` (the grid
     value of ``Q[γ·x_prev] + Q[residual_update(y, x, γ)]``), the packed bits it drops, the update's
-    ``max |b|`` and ``from_grid(X_next)``. Compiled where ``FUSE`` applies and ``fuse``, else eagerly."""
+    ``max |b|`` and ``from_grid(X_next)``. Compiled where ``FUSE`` applies and ``fuse``, else eagerly
+    (``from_grid`` eagerly in both)."""
     fetch, gamma = (X_prev if callable(X_prev) else (lambda: X_prev)), gammas(signs, m, x)
     if fuse and _fuse(y):
         X = fetch()
         out = _run_fused(_update_forward, m, y, x, X, signs.dev, gamma)
         if out is not None:
-            return out
+            return *out, from_grid(out[0], x.dtype)   # eagerly (see from_grid)
         fetch = lambda: X  # noqa: E731 - fetched once
     b = residual_update(y, x, gamma)
     del y   # the caller passes it unnamed: b replaces it
