@@ -790,6 +790,35 @@ def test_cuda_parked_tensor_pins_its_size_not_the_next_power_of_two():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory, streams)")
+def test_cuda_offload_memory_does_not_grow_with_depth_when_the_host_runs_ahead():
+    """Each layer first keeps the GPU busy (a sleep kernel), so the host can queue layers ahead of it.
+    Device and pinned host memory at the step's peak stay those of one pair of grid tensors, the bits
+    and a few temporaries, for 2 and for 6 layers: at most a quarter of a grid tensor more."""
+    peaks = {}
+    for layers in (2, 6):
+        torch.manual_seed(0)
+        config = gpt2_config(layers=layers, dropout=0.0)
+        config.n_embd, config.n_positions = 256, 4096
+        converted = convert_to_reversible(GPT2LMHeadModel(config).cuda(), verbose=False, offload=True)
+        for layer in layers_of(converted):
+            layer.register_forward_pre_hook(lambda *_: torch.cuda._sleep(20_000_000))
+        x = ids(2, 4096).cuda()
+        train_step(converted, x)   # warm: kernels, pinned blocks
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_host_memory_stats()
+        base, host_base = torch.cuda.memory_allocated(), torch.cuda.host_memory_stats()["allocated_bytes.current"]
+        train_step(converted, x)
+        torch.cuda.synchronize()
+        peaks[layers] = (torch.cuda.max_memory_allocated() - base,
+                         torch.cuda.host_memory_stats()["allocated_bytes.peak"] - host_base)
+        del converted
+    grid = x.numel() * config.n_embd * 8
+    for what, (a, b) in zip(("device", "pinned host"), zip(peaks[2], peaks[6])):
+        assert b - a <= grid / 4, (what, a, b, grid)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory, streams)")
 def test_offload_on_cuda_same_bits_less_memory(monkeypatch):
     """On the GPU the copies run on a side stream: the rebuilt activations stay bitwise the forward's and
     the loss is bitwise the one without offload; the gradients agree up to the GPU's nondeterministic

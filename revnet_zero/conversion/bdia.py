@@ -109,6 +109,9 @@ def _from_host(chunks: list[Tensor], shape: torch.Size, device: torch.device) ->
     return out
 
 
+_IN_FLIGHT: list = []   # the ready event of the last copy to host memory, if one was made
+
+
 class _Parked:
     """A grid tensor kept in pinned host memory between its uses (``offload=True``).
 
@@ -117,19 +120,29 @@ class _Parked:
     the next layer needs it at once). ``take`` returns a device tensor the caller may overwrite: the
     held one, or a fresh host-to-device copy. The host copy is pinned in chunks (``host_chunk_sizes``).
     On the CPU the tensor is kept as is and ``take`` clones it, so the bookkeeping is the same (and
-    testable) without a GPU."""
+    testable) without a GPU.
+
+    A new copy first waits (on the host) for the one before it to finish. Without that the host runs
+    ahead of the GPU by as many layers as it can queue, and every layer it is ahead holds a grid
+    tensor's device memory (freed only once its copy is done) and a pinned block (reused only once the
+    copies using it are done): at 256k tokens of a d=4096 model, 1 GiB of GPU and 9.4 GiB of pinned
+    memory a layer (H200, 2 vs 4 layers). The host stays at most one copy ahead, which at the lengths
+    offload is for (a layer takes seconds) costs the GPU nothing."""
 
     def __init__(self, t: Tensor, keep: bool = False):
         self.dev, self.device, self.ready, self.shape = (t if keep else None), t.device, None, t.shape
         if not t.is_cuda:
             self.host = t
             return
+        if _IN_FLIGHT:
+            _IN_FLIGHT.pop().synchronize()
         side = _side_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self.host = _to_host(t, pin=True)
             self.ready = torch.cuda.Event()
             self.ready.record(side)
+        _IN_FLIGHT.append(self.ready)
         t.record_stream(side)  # t's memory is not reused before the copy has read it
 
     def take(self) -> Tensor:
