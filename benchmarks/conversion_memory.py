@@ -143,9 +143,9 @@ def main(argv=None) -> None:
             long = seq >= 131072
             warm = random_ids(model.lm.config.vocab_size, 1, seq if a.long_warm_same else 8192, dev, seed=1) if long else ids
             with sdpa_context(a.sdpa):   # the step only: the conversion's float32 probe needs another kernel
-                r = measure_step(model, ids, torch.bfloat16, 1 if long else 2, warm)
+                r = measure_step(model, ids, torch.bfloat16, repeats(seq), warm)
             row = {**env, "mode": mode, "shape": a.shape, "seq": seq, "layers": layers, "status": r.status,
-                   "step_s": r.step_s, "tokens_per_s": seq / r.step_s if r.step_s else None,
+                   "step_s": r.step_s, "step_times_s": r.times, "tokens_per_s": seq / r.step_s if r.step_s else None,
                    "peak_gib": r.peak_gib, "static_gib": r.static_gib, "error": r.error,
                    "gamma0": a.gamma0 if mode == "bdia" else None,
                    "mlp_chunk": a.mlp_chunk if mode == "bdia" else None,
@@ -159,6 +159,12 @@ def main(argv=None) -> None:
             free_memory(dev)
             write(stem, rows, env, a)
     write(stem, rows, env, a)
+
+
+def repeats(seq: int) -> int:
+    """Timed steps per row (their median is the row's step): 5 up to 32k tokens, where one step is
+    well under 2 s and two runs of the same 8k step differed by 6%; 2 below 128k; 1 from 128k."""
+    return 5 if seq <= 32768 else 2 if seq < 131072 else 1
 
 
 def _fused_grid() -> bool:
@@ -189,8 +195,8 @@ def write(stem: str, rows: list[dict], env: dict, a) -> None:
              f"batch 1, fused head+loss in every mode, BDIA gamma0 = {a.gamma0}, BDIA MLP "
              f"{f'tiles of {a.mlp_chunk} positions' if a.mlp_chunk else 'untiled'}"
              f"{', offload (grid tensors and kept bits in pinned host memory)' if a.offload else ''}"
-             f"{', eager grid step' if a.eager_grid or a.offload else ', compiled grid step'}. Step: median of 2 below 128k "
-             "tokens, one step from 128k" + (" (after a warm-up step of the same length)." if a.long_warm_same
+             f"{', eager grid step' if a.eager_grid or a.offload else ', compiled grid step'}. Step: median of 5 up to 32k "
+             "tokens, of 2 below 128k, one step from 128k (every step's time is in the JSON)" + (" (after a warm-up step of the same length)." if a.long_warm_same
                                              else " (after a warm-up step of 8192 tokens).")
              + (f" {a.resident_layers} layers' weights on the GPU, {a.layers} of them run." if a.resident_layers
                 else ""), "",

@@ -759,6 +759,48 @@ def test_offload_leaves_nothing_per_layer_outside_host_memory_but_the_signs(monk
     assert inside[5] - inside[2] >= 3 * B * S * 64 * 3 // 8   # the bits did go to host memory
 
 
+def test_offload_step_peak_grows_with_depth_by_the_trainable_gradients_alone(monkeypatch):
+    """The whole step's peak outside host memory (forward and backward; LoRA on a bf16 Llama, bf16
+    autocast, MLP tiles, offload), from 3 layers on, grows per layer by that layer's LoRA gradients
+    and its signs, nothing per token: a few layers stand in for the full depth. (From 2 to 3 layers it
+    also gains one [B, S, d] gradient buffer, once: the third layer's x_prev is the first to need a
+    gradient, the embeddings being frozen. At 256k tokens of Llama-3-8B that is the 2 GiB the H200
+    showed from 2 to 4 layers.)"""
+    peft = pytest.importorskip("peft")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from memory_breakdown import LiveTensors
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    class Own(bdia_module._Parked):
+        def __init__(self, t, keep=False):
+            with _disable_current_modes():   # the host copy is not counted: what is left is the device's
+                super().__init__(t, keep)
+                self.host = t.clone()
+
+    monkeypatch.setattr(bdia_module, "_Parked", Own)
+    S, peaks, grads = 2048, {}, {}   # per token terms (the bits: 96 KiB a layer) outweigh LoRA gradients (22 KiB)
+    for layers in (3, 6):
+        torch.manual_seed(0)
+        config = llama_config(layers, dropout=0.0)
+        config.hidden_size, config.intermediate_size, config.max_position_embeddings = 128, 352, S
+        model = convert_to_reversible(LlamaForCausalLM(config).to(torch.bfloat16), gamma0=1 / 8, verbose=False,
+                                      mlp_chunk_size=64, offload=True)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                                           lora_dropout=0.0)).train()
+        x = ids(1, S)
+        tracer = LiveTensors()
+        with tracer:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+        peaks[layers] = tracer.peak
+        grads[layers] = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        del loss, model
+    per_layer = (peaks[6] - peaks[3]) / 3
+    lora = (grads[6] - grads[3]) / 3
+    assert lora <= per_layer <= lora + 8, (per_layer, lora)
+
+
 def test_host_copies_split_into_power_of_two_chunks(monkeypatch):
     """Pinned blocks are rounded up to a power of two bytes by PyTorch's host allocator: a host copy is
     split into power-of-two chunks and one remainder below ``PIN_CHUNK_MIN``, so it pins at most its
@@ -787,35 +829,6 @@ def test_cuda_parked_tensor_pins_its_size_not_the_next_power_of_two():
     pinned = stats()["allocated_bytes.current"] - before
     assert t.numel() * 8 <= pinned <= t.numel() * 8 + bdia_module.PIN_CHUNK_MIN, pinned
     assert torch.equal(parked.take(), t)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory, streams)")
-def test_cuda_offload_memory_does_not_grow_with_depth_when_the_host_runs_ahead():
-    """Each layer first keeps the GPU busy (a sleep kernel), so the host can queue layers ahead of it.
-    Device and pinned host memory at the step's peak stay those of one pair of grid tensors, the bits
-    and a few temporaries, for 2 and for 6 layers: at most a quarter of a grid tensor more."""
-    peaks = {}
-    for layers in (2, 6):
-        torch.manual_seed(0)
-        config = gpt2_config(layers=layers, dropout=0.0)
-        config.n_embd, config.n_positions = 256, 4096
-        converted = convert_to_reversible(GPT2LMHeadModel(config).cuda(), verbose=False, offload=True)
-        for layer in layers_of(converted):
-            layer.register_forward_pre_hook(lambda *_: torch.cuda._sleep(20_000_000))
-        x = ids(2, 4096).cuda()
-        train_step(converted, x)   # warm: kernels, pinned blocks
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        torch.cuda.reset_peak_host_memory_stats()
-        base, host_base = torch.cuda.memory_allocated(), torch.cuda.host_memory_stats()["allocated_bytes.current"]
-        train_step(converted, x)
-        torch.cuda.synchronize()
-        peaks[layers] = (torch.cuda.max_memory_allocated() - base,
-                         torch.cuda.host_memory_stats()["allocated_bytes.peak"] - host_base)
-        del converted
-    grid = x.numel() * config.n_embd * 8
-    for what, (a, b) in zip(("device", "pinned host"), zip(peaks[2], peaks[6])):
-        assert b - a <= grid / 4, (what, a, b, grid)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory, streams)")
