@@ -163,7 +163,7 @@ def main(argv=None) -> None:
 
 def repeats(seq: int) -> int:
     """Timed steps per row (their median is the row's step): 5 up to 32k tokens, where one step is
-    well under 2 s and two runs of the same 8k step differed by 6%; 2 below 128k; 1 from 128k."""
+    well under 2 s and two runs of the 8k step (nearly the same code) differed by 6%; 2 below 128k; 1 from 128k."""
     return 5 if seq <= 32768 else 2 if seq < 131072 else 1
 
 
