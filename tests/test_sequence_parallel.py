@@ -98,3 +98,19 @@ def test_trainer_resume_is_bitwise(tmp_path):
 def test_trainer_refuses_a_group_size_that_does_not_divide_the_world():
     msg = W.run("trainer_refusal_worker", 2)[0]
     assert "dividing the world size 2, got 3" in msg
+
+
+def test_launcher_smoke_on_cpu(tmp_path):
+    """The GPU sweep's own code path at tiny sizes: torchrun with 1 and 2 CPU processes (gloo), both
+    modes, the 1-vs-2 gradient check, and the weak-scaling table."""
+    from revnet_zero.benchmarks import sequence_parallel as bench
+    bench.main(["sweep", "--gpus", "1,2", "--model", "tiny", "--lengths", "16,32", "--repeats", "1",
+                "--grad-check", "--grad-check-len", "32", "--out-dir", str(tmp_path), "--timeout-s", "300"])
+    rows = __import__("json").loads(next(tmp_path.glob("sequence_parallel_*.json")).read_text())
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert {(r["gpus"], r["mode"]) for r in steps} == {(1, "single"), (2, "all_to_all"), (2, "all_gather")}
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in steps)
+    assert all("weak_scaling_efficiency" in r for r in steps)
+    checks = [r for r in rows if r["kind"] == "grad_check"]
+    assert len(checks) == 2 and all(r["grad_rel_err"] < 1e-5 for r in checks), checks
+    assert "weak-scaling" in next(tmp_path.glob("sequence_parallel_*.md")).read_text()
