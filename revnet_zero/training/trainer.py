@@ -171,9 +171,15 @@ class Trainer:
         foreach = False if c.memory_efficient_optimizer else None
         return torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, foreach=foreach)
 
+    @property
+    def data_parallel(self) -> tuple[int, int]:
+        """(index, count) of this process's shard of each global batch."""
+        return self.rank, self.world_size
+
     def _batches(self, dataset, shuffle: bool, drop_last: bool) -> Batches:
+        rank, world = self.data_parallel
         return Batches(dataset, self.config.batch_size, shuffle=shuffle, seed=self.config.seed,
-                       drop_last=drop_last, rank=self.rank, world_size=self.world_size)
+                       drop_last=drop_last, rank=rank, world_size=world)
 
     def _max_length(self) -> int | None:
         if self.config.max_length is not None:
@@ -353,7 +359,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": loss, "tokens": tokens * self.world_size, "seconds": time.perf_counter() - t0,
+        return {"loss": loss, "tokens": tokens * self.data_parallel[1], "seconds": time.perf_counter() - t0,
                 "grad_norm": norm}
 
     def _log(self, window: list[dict], bar) -> dict:
@@ -396,7 +402,7 @@ class Trainer:
         """Mean loss over the first ``config.eval_batches`` batches of ``data`` (a dataset, batched here
         in order, or an iterable of batches)."""
         if hasattr(data, "__getitem__") and not isinstance(data, (list, tuple)):
-            data = self._batches(data, shuffle=False, drop_last=self.world_size > 1)
+            data = self._batches(data, shuffle=False, drop_last=self.data_parallel[1] > 1)
         was_training = self.module.training
         self.module.eval()
         total, n = 0.0, 0
