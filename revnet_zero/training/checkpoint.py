@@ -20,6 +20,7 @@ configuration differs from the model's (``allow_config_changes`` names deliberat
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -58,7 +59,11 @@ def atomic_write(path, write) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as e:  # say which file could not be written (a full disk names none)
+            why = f"cannot write {path}: {e.strerror or e}"
+            raise (OSError(e.errno, why) if e.errno is not None else OSError(why)) from e
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files; give the usual permissions
@@ -132,7 +137,16 @@ def check_weights(tensors: dict, expected: dict, path) -> None:
 
 
 def save_state(state: dict, path) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    def write(tmp):
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) as RuntimeError
+            if "PytorchStreamWriter" not in str(e) and "write failed" not in str(e):
+                raise
+            free = shutil.disk_usage(Path(tmp).parent).free
+            raise OSError(errno.EIO, f"{str(e).strip().splitlines()[-1]} ({free / 2**20:.0f} MiB free "
+                                     "on that disk)") from e
+    atomic_write(path, write)
 
 
 def load_state(path) -> dict:

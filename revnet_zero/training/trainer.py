@@ -96,6 +96,25 @@ class TrainingConfig:
                              f"betas={tuple(self.betas)}")
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """``name`` as a torch.device (None: cuda if available, else cpu). ValueError for a name torch does
+    not know, or a device this machine lacks (``'cuda'`` without CUDA, ``'cuda:3'`` with 2 GPUs)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}; expected e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+    backend = getattr(torch, dev.type, None)
+    if dev.type != "cpu" and callable(getattr(backend, "is_available", None)) and not backend.is_available():
+        raise ValueError(f"device {name!r}: no {dev.type} device is available on this machine "
+                         f"(torch {torch.__version__}); use --device cpu / device='cpu'")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and callable(count) and dev.index >= count():
+        raise ValueError(f"device {name!r}: this machine has {count()} {dev.type} device(s)")
+    return dev
+
+
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
     """Multiplier of the peak lr at 0-based ``step``: linear warm-up, then cosine down to ``min_ratio``."""
     if step < warmup_steps:
@@ -153,7 +172,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, config: TrainingConfig | None = None, **overrides):
         self.config = replace(config or TrainingConfig(), **overrides)
-        self.device = torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(self.config.device)
         self.module = model.to(self.device)   # the plain model: saved, evaluated, sampled from
         self.model = self._wrap(self.module)  # what the training step calls (DDP/FSDP wrap it)
         self.optimizer: torch.optim.Optimizer | None = None
