@@ -420,12 +420,14 @@ class Trainer:
     def _grad_norm(self) -> float:
         """The global gradient norm (NaN/Inf if any gradient is), clipping to ``gradient_clip``."""
         params = [p for p in self.module.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
         norm = nn.utils.get_total_norm([p.grad for p in params])
-        if hasattr(norm, "full_tensor"):  # FSDP2: DTensor shards; the norm is reduced over the ranks
-            norm = norm.full_tensor()
-        if self.config.gradient_clip is not None and bool(torch.isfinite(norm)):
+        # FSDP2: a DTensor over the shards; full_tensor() reduces it (the clip takes the DTensor itself)
+        value = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+        if self.config.gradient_clip is not None and math.isfinite(value):
             nn.utils.clip_grads_with_norm_(params, self.config.gradient_clip, norm)
-        return norm.item()
+        return value
 
     def _nonfinite_message(self, loss: float, norm: float) -> str:
         what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm} (loss {loss:.4g})"
