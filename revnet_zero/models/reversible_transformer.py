@@ -121,6 +121,8 @@ class ReversibleLM(nn.Module, abc.ABC):
             if t is not None and (not isinstance(t, Tensor) or t.shape != input_ids.shape):
                 raise ValueError(f"{name} must be a tensor shaped like input_ids {tuple(input_ids.shape)}, "
                                  f"got {tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+        if labels is not None and labels.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"labels must be integer token ids (int64 or int32), got {labels.dtype}")
         if attention_mask is not None and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
             raise ValueError(f"attention_mask must hold 0 (padding) and 1 (token); got values "
                              f"{attention_mask.unique().tolist()[:8]}")

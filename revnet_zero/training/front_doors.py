@@ -240,19 +240,18 @@ class DistributedReversibleTrainer(Trainer):
             start += len(g["params"])
         return {"state": {index[name]: s for name, s in full["state"].items()}, "param_groups": groups}
 
-    def load(self, path) -> None:
+    def load(self, path, allow_config_changes=()) -> None:
         if self.sharding_strategy != "fsdp":
-            return super().load(path)  # DDP: every rank reads the files (full copies)
+            return super().load(path, allow_config_changes)  # DDP: every rank reads the files (full copies)
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
-        from .checkpoint import STATE, WEIGHTS, check_weights, load_state, read_weights, resolve_checkpoint
+        from .checkpoint import read_checkpoint
+        from .trainer import check_state
         weights, optim, message = {}, None, [None]
         if self.is_main:
             try:
-                path = resolve_checkpoint(path)
-                weights, _ = read_weights(path / WEIGHTS)
-                check_weights(weights, self.module.state_dict(), path / WEIGHTS)
-                state = load_state(path / STATE)
+                weights, state = read_checkpoint(path, self.module, allow_config_changes)
+                check_state(state)
                 optim = state["optimizer"]
                 # the optimizer's tensors go by set_optimizer_state_dict's broadcast; the rest as objects
                 full = optim is not None and bool(optim["state"])
