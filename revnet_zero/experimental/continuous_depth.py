@@ -50,7 +50,8 @@ class ContinuousDepthConfig:
     d_model: int = 256                 # width of the state z [B, S, D]
     num_heads: int | None = None       # attention heads of the vector field; None = max(1, d_model // 64)
     d_ff: int | None = None            # SwiGLU width of the vector field; None = 8/3 d_model rounded to 128
-    ode_solver: str = "reversible_heun"  # exact: 'leapfrog' ('mali'), 'reversible_heun', 'momentum'; 'dopri5': approximate adjoint
+    # exact: 'leapfrog' (alias 'mali'), 'reversible_heun', 'momentum'; 'dopri5': approximate adjoint
+    ode_solver: str = "reversible_heun"
     depth_function: str = "fixed"      # 'fixed': num_steps equal steps; 'adaptive': steps from the local error
     num_steps: int = 8                 # steps of a fixed solve; an adaptive solve's first step is t1 / num_steps
     t1: float = 1.0                    # integrate over depth [0, t1]
@@ -69,7 +70,8 @@ class ContinuousDepthConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if self.ode_solver not in EXACT_SOLVERS + ("dopri5",):
-            raise ValueError(f"ode_solver must be one of {list(EXACT_SOLVERS + ('dopri5',))}, got {self.ode_solver!r}")
+            raise ValueError(f"ode_solver must be one of {list(EXACT_SOLVERS + ('dopri5',))}, "
+                             f"got {self.ode_solver!r}")
         if self.depth_function not in DEPTH_FUNCTIONS:
             raise ValueError(f"depth_function must be one of {DEPTH_FUNCTIONS}, got {self.depth_function!r}")
         if self.ode_solver == "dopri5" and self.depth_function != "adaptive":
@@ -161,11 +163,12 @@ def solve(solver: ReversibleSolver, f, z0: Tensor, t1: float, num_steps: int, to
 def _aliased(module: nn.Module):
     """``(f, aliases)``: ``f(t, z)`` runs ``module`` with its parameters replaced by detached leaves that
     share their storage, so gradients can be taken without touching the parameters' hooks or ``.grad``."""
-    aliases = {n: p.detach().requires_grad_(p.requires_grad) for n, p in module.named_parameters()}
+    aliases = {n: p.detach().requires_grad_(p.requires_grad)
+               for n, p in module.named_parameters()}
     return (lambda t, z: functional_call(module, aliases, (t, z))), aliases
 
 
-def _param_grads(module: nn.Module, aliases: dict, grads: dict) -> list[Tensor | None]:
+def _param_grads(module: nn.Module, grads: dict) -> list[Tensor | None]:
     return [grads.get(n) for n, _ in module.named_parameters()]
 
 
@@ -216,7 +219,7 @@ class _ReversibleSolve(torch.autograd.Function):
             z0 = solver.output(state).detach().requires_grad_()
             gs = torch.autograd.grad(solver.init(f, 0.0, z0), [z0] + leaves_p, d, allow_unused=True)
         _add(grads, names, gs[1:])
-        return (None, None, None, None, gs[0], *_param_grads(module, aliases, grads))
+        return (None, None, None, None, gs[0], *_param_grads(module, grads))
 
 
 class _AdjointSolve(torch.autograd.Function):
@@ -253,7 +256,7 @@ class _AdjointSolve(torch.autograd.Function):
         y1 = (z1, dz1, *(torch.zeros_like(p) for p in leaves_p))
         y0, _ = dopri5_solve(augmented, y1, opts["t1"], 0.0, opts["tolerance"], 10 * opts["max_depth"])
         grads = dict(zip(names, y0[2:]))
-        return (None, None, None, y0[1], *_param_grads(module, aliases, grads))
+        return (None, None, None, y0[1], *_param_grads(module, grads))
 
 
 class ContinuousDepthRevNet(nn.Module):
