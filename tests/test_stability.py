@@ -21,7 +21,8 @@ def test_injected_drift_is_found_and_only_that_block_is_switched(tmp_path):
     m, ids = model_and_batch(1e7)
     report = StabilityAnalyzer(m).analyze(ids, num_forward_passes=2, drift_bound=1e-4)
     drift = {b.name: b.drift_fp32 for b in report.blocks}
-    # float32 streams: a healthy block rebuilds to ~1e-7 of the stream; the blown-up one (outputs ~1e4 x its inputs) to ~5e-3
+    # float32 streams: a healthy block rebuilds to ~1e-7 of the stream; the blown-up one (outputs
+    # ~1e4 x its inputs) to ~5e-3
     assert drift["blocks.blocks.1"] > 1e-3
     assert drift["blocks.blocks.0"] < 1e-5 and drift["blocks.blocks.2"] < 1e-5
     assert report.switched_to_store == ["blocks.blocks.1"]
