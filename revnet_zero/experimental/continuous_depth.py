@@ -160,6 +160,14 @@ def solve(solver: ReversibleSolver, f, z0: Tensor, t1: float, num_steps: int, to
     return state, accepted
 
 
+def _autocast_state(device_type: str) -> tuple:
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def _autocast(state: tuple):
+    return torch.autocast(device_type=state[0], dtype=state[2], enabled=state[1])
+
+
 def _aliased(module: nn.Module):
     """``(f, aliases)``: ``f(t, z)`` runs ``module`` with its parameters replaced by detached leaves that
     share their storage, so gradients can be taken without touching the parameters' hooks or ``.grad``."""
@@ -189,12 +197,18 @@ class _ReversibleSolve(torch.autograd.Function):
             state, steps = solve(solver, counted, z0, **opts)
         record.update(steps=steps, nfe=counted.n)
         ctx.solver, ctx.module, ctx.steps = solver, module, steps
+        ctx.autocast = _autocast_state(z0.device.type)
         ctx.save_for_backward(*state)
         return solver.output(state)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dz):
+        with _autocast(ctx.autocast):   # re-run the steps under the forward's autocast state
+            return _ReversibleSolve._backward(ctx, dz)
+
+    @staticmethod
+    def _backward(ctx, dz):
         solver, module = ctx.solver, ctx.module
         state = ctx.saved_tensors
         f, aliases = _aliased(module)
@@ -233,13 +247,18 @@ class _AdjointSolve(torch.autograd.Function):
             (z1,), steps = dopri5_solve(lambda t, y: (counted(t, y[0]),), (z0,), 0.0, opts["t1"],
                                         opts["tolerance"], opts["max_depth"], opts["t1"] / opts["num_steps"])
         record.update(steps=steps, nfe=counted.n)
-        ctx.module, ctx.opts = module, opts
+        ctx.module, ctx.opts, ctx.autocast = module, opts, _autocast_state(z0.device.type)
         ctx.save_for_backward(z1)
         return z1
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dz1):
+        with _autocast(ctx.autocast):
+            return _AdjointSolve._backward(ctx, dz1)
+
+    @staticmethod
+    def _backward(ctx, dz1):
         (z1,), module, opts = ctx.saved_tensors, ctx.module, ctx.opts
         f, aliases = _aliased(module)
         names = [n for n, a in aliases.items() if a.requires_grad]
@@ -307,7 +326,11 @@ class ContinuousDepthRevNet(nn.Module):
                 "max_depth": max_depth or c.max_depth}
         ContinuousDepthConfig(**{**c.__dict__, "num_steps": opts["num_steps"], "max_depth": opts["max_depth"],
                                  "tolerance": opts["tolerance"] or c.tolerance})   # validates the overrides
-        params = [p for p in self.field.parameters()]
+        if torch.is_grad_enabled() and any(isinstance(m, nn.Dropout) and m.p > 0 and m.training
+                                           for m in self.field.modules()):
+            raise ValueError("the vector field applies dropout: backward re-evaluates it and would draw other "
+                             "masks, so the gradients would be wrong; use p=0 or model.eval()")
+        params = list(self.field.parameters())
         record: dict = {}
         if self.solver is None:
             hidden = _AdjointSolve.apply(self.field, opts, record, x, *params)
