@@ -12,7 +12,7 @@ of optimizer steps:
 
 Writes ``research_quality_<device>_<date>.md`` / ``.json`` / ``.png`` into ``--out``.
 
-    python benchmarks/research_quality.py --out benchmarks/results           # a few minutes of CPU
+    python benchmarks/research_quality.py --out benchmarks/results           # a GPU if there is one
     python benchmarks/research_quality.py --smoke --out /tmp/rq               # seconds (CI)
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
 
 import torch
@@ -81,6 +82,7 @@ def matched(build, target: int) -> tuple[nn.Module, int]:
 
 
 def loss_of(model, ids):
+    ids = ids.to(next(model.parameters()).device)
     out = model(ids, labels=ids) if isinstance(model, ReversibleTransformer) else model(ids)
     return out.loss if hasattr(out, "loss") else out
 
@@ -131,19 +133,27 @@ def build_models(vocab, args) -> dict:
     return models
 
 
+def device_name(device: str) -> str:
+    """'cpu', or the GPU's short name ('h200', 'h100-80gb-hbm3') as in the other result files."""
+    if device == "cpu":
+        return "cpu"
+    return torch.cuda.get_device_name(device).lower().replace("nvidia ", "").replace(" ", "-")
+
+
 def write(rows, args, out_dir):
     date = datetime.date.today().isoformat()
-    stem = os.path.join(out_dir, f"research_quality_{'cpu' if not torch.cuda.is_available() else 'cuda'}_{date}")
+    name = device_name(args.device)
+    stem = os.path.join(out_dir, f"research_quality_{name}_{date}")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    meta = {"date": date, "commit": commit, "torch": torch.__version__, "device": "cpu", "args": vars(args)}
+    meta = {"date": date, "commit": commit, "torch": torch.__version__, "device": name, "args": vars(args)}
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    lines = [f"# Held-out loss at equal parameters and steps (CPU, {date}, commit {commit}, torch {torch.__version__})",
+    lines = [f"# Held-out loss at equal parameters and steps ({name}, {date}, commit {commit}, torch {torch.__version__})",
              "", f"Byte-level LM on Python stdlib sources; {args.steps} AdamW steps of batch {args.batch} x "
              f"{args.seq} bytes, lr {args.lr}, d_model {args.d_model}, {args.layers} layers (continuous: "
              f"{args.ode_steps} reversible-Heun steps of one shared vector field). Loss in nats per byte; held-out: "
              f"{args.eval_batches} batches of the last 2% of sequences. "
-             "`python benchmarks/research_quality.py --out benchmarks/results`", "",
+             f"Command: `{' '.join(['python', 'benchmarks/research_quality.py'] + (args.argv or []))}`", "",
              "| model | params | d_ff | train loss (last 20 steps) | held-out loss | seconds |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['params']:,} | {r['d_ff']} | {r['train_loss_last20']:.4f} | "
@@ -182,9 +192,11 @@ def main(argv=None):
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--max-chars", type=int, default=3_000_000)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, a few steps (CI)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.smoke:
         args.steps, args.batch, args.seq, args.d_model, args.d_ff = 3, 2, 32, 32, 64
         args.eval_every, args.eval_batches, args.max_chars, args.heads = 3, 1, 200_000, 2
@@ -195,6 +207,7 @@ def main(argv=None):
     rows = []
     for name, (model, d_ff) in build_models(tok.vocab_size, args).items():
         torch.manual_seed(0)
+        model.to(args.device)
         rows.append({**train(name, model, train_set, eval_set, args), "d_ff": d_ff})
     os.makedirs(args.out, exist_ok=True)
     print("wrote", write(rows, args, args.out))
