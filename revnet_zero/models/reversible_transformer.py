@@ -13,9 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from ..engine import ReversibleBlock, ReversibleSequence
-from ..layers.coupling_layers import make_coupling
+from ..layers.coupling_layers import AdditiveCoupling, make_coupling
 from ..layers.reversible_attention import KVCache, SelfAttention
 from ..layers.reversible_ffn import FeedForward
+from ..layers.rotation_coupling import OrthogonalMixCoupling, RotationCoupling
 from ..ops.limits import check_int32_numel
 from ..ops.loss import fused_linear_cross_entropy
 from .config import TransformerConfig, resolve_config
@@ -23,19 +24,24 @@ from .outputs import ModelOutput
 
 IGNORE_INDEX = -100
 LOGITS_MAX_SEQ = 4096   # eval forwards up to this length return logits unless told otherwise
+EXTRA_RULES = {"rotation": RotationCoupling, "orthogonal": AdditiveCoupling}   # beyond CouplingType
 FFN_ACTIVATION = {"swiglu": ("silu", True), "geglu": ("gelu", True), "gelu": ("gelu", False)}
 
 
 def build_block(config: TransformerConfig) -> ReversibleBlock:
     """One reversible transformer block: attention as F, the FFN as G."""
-    c = make_coupling(config.coupling)
+    rule = EXTRA_RULES.get(config.coupling)
+    c = rule() if rule is not None else make_coupling(config.coupling)
     attn = SelfAttention(config.d_model, config.num_heads, config.num_kv_heads, config.causal,
                          config.rope_theta, config.attention_dropout, config.dropout, config.norm_eps,
                          out_multiplier=c.out_multiplier)
     activation, gated = FFN_ACTIVATION[config.ffn]
     ffn = FeedForward(config.d_model, config.d_ff, activation, gated, config.dropout, config.norm_eps,
                       out_multiplier=c.out_multiplier, seq_chunk=config.ffn_chunk_size)
-    return ReversibleBlock(make_coupling(c, f=attn, g=ffn))
+    coupling = make_coupling(c, f=attn, g=ffn)
+    if config.coupling == "orthogonal":   # the mixing angle starts at 0: the block starts as additive
+        coupling = OrthogonalMixCoupling(coupling, config.d_model)
+    return ReversibleBlock(coupling)
 
 
 class ReversibleLM(nn.Module, abc.ABC):
@@ -226,9 +232,8 @@ class ReversibleTransformer(ReversibleLM):
             x = x.to(self.blocks.stream_dtype)
         s = [x, x]
         for block, cache in zip(self.blocks.blocks, caches):
-            c = block.coupling
-            for fn, src, dst in c.steps():      # kwargs reach F and G alike; the FFN ignores the cache
-                s[dst] = c.apply_step(fn, s[dst], s[src], cache=cache)
+            # kwargs reach F and G alike; the FFN ignores the cache
+            s = list(block.coupling(s[0], s[1], cache=cache))
         return self.norm(((s[0] + s[1]) / 2).to(self.norm.weight.dtype))
 
 
