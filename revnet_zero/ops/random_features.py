@@ -77,9 +77,10 @@ def exact_kernel(x: Tensor, y: Tensor, kernel: str) -> Tensor:
 
 def query_features(q: Tensor, w: Tensor, kernel: str) -> Tensor:
     """Query features; for the Gaussian each row is divided by its largest feature (a per-query factor,
-    which cancels between numerator and denominator) so the exponentials cannot overflow."""
+    which cancels between numerator and denominator) so the exponentials cannot overflow. The factor
+    is detached: its gradient is zero in exact arithmetic, and in floats only adds cancelling noise."""
     phi = feature_map(q, w, kernel)
-    return phi / phi.amax(dim=-1, keepdim=True) if kernel == "gaussian" else phi
+    return phi / phi.detach().amax(dim=-1, keepdim=True) if kernel == "gaussian" else phi
 
 
 def scaled(t: Tensor) -> Tensor:
