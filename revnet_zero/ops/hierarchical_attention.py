@@ -115,22 +115,36 @@ def _bias(spec: HierarchySpec, q_pos: Tensor, rows: Tensor, S: int) -> Tensor:
 def hierarchical_chunked(spec: HierarchySpec, q: Tensor, k: Tensor, v: Tensor,
                          chunk_size: int | None = None) -> Tensor:
     """Plain path: queries in chunks of ``chunk_size`` (default ``local_window`` clamped to [64, 2048])
-    through SDPA against the raw keys they can see and every pooled row, with a float bias mask."""
+    through SDPA against the rows the chunk can see (a slice of raw keys and, per level, the slice of
+    pooled blocks between its bounds), with a float bias mask."""
     S = q.shape[2]
     ke, ve = extended_kv(spec, k, v)
     C = chunk_size or min(max(spec.local_window, 64), 2048)
     gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
-    pooled = torch.arange(S, ke.shape[2], device=q.device)
     outs = []
     for s in range(0, S, C):
         e = min(s + C, S)
-        lo = int(spec.bounds(torch.tensor(s))[0])       # b_0 grows with i: the chunk's first query's is least
-        rows = torch.cat([torch.arange(lo, e, device=q.device), pooled])
-        q_pos = torch.arange(s, e, device=q.device)
-        bias = _bias(spec, q_pos, rows, S).to(q.dtype)
-        outs.append(F.scaled_dot_product_attention(q[:, :, s:e], ke[:, :, rows], ve[:, :, rows],
-                                                   attn_mask=bias, **gqa))
+        spans = _visible_rows(spec, s, e, S)
+        # slices, not a gather by rows: their backward is a copy, a gather's a scatter-add
+        rows = torch.cat([torch.arange(a, b, device=q.device) for a, b in spans])
+        bias = _bias(spec, torch.arange(s, e, device=q.device), rows, S).to(q.dtype)
+        ks = torch.cat([ke[:, :, a:b] for a, b in spans], dim=2)
+        vs = torch.cat([ve[:, :, a:b] for a, b in spans], dim=2)
+        outs.append(F.scaled_dot_product_attention(q[:, :, s:e], ks, vs, attn_mask=bias, **gqa))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _visible_rows(spec: HierarchySpec, s: int, e: int, S: int) -> list[tuple[int, int]]:
+    """Row ranges of ``[K; pooled_1; ...]`` that any query in ``[s, e)`` may see: bounds grow with the
+    query position, so the first query's lower bounds and the last one's upper bounds enclose them."""
+    first, last = spec.bounds(torch.tensor(s)), spec.bounds(torch.tensor(e - 1))
+    spans, start = [(int(first[0]), e)], S
+    for lvl, (r, n) in enumerate(zip(spec.compression_ratios, spec.pooled_counts(S)), start=1):
+        lo, hi = min(int(first[lvl]) // r, n), min(int(last[lvl - 1]) // r, n)
+        if hi > lo:
+            spans.append((start + lo, start + hi))
+        start += n
+    return spans
 
 
 def hierarchical_reference(spec: HierarchySpec, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
