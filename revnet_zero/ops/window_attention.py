@@ -82,7 +82,7 @@ def dense_masked_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Ten
 def compiled_flex_attention():
     """``flex_attention`` compiled once per process (eager elsewhere: it runs, slowly, on CPU)."""
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)
 
 
 def flex(q: Tensor, k: Tensor, v: Tensor, block_mask, score_mod=None) -> Tensor:
