@@ -142,6 +142,7 @@ def test_kernel_estimate_error_falls_like_one_over_sqrt_features(kernel):
     assert errs[-1] < 0.3
 
 
+
 def test_gaussian_features_are_positive_and_trig_ones_are_not():
     x = torch.randn(50, 8)
     assert (rf.feature_map(x, rf.draw_frequencies("gaussian", 64, 8), "gaussian") > 0).all()
@@ -195,3 +196,10 @@ def test_presets_for_each_variant():
         cfg = TransformerConfig.preset(name)
         assert cfg.attention == attention and cfg.num_layers == 24 and cfg.d_model == 1024
     assert TransformerConfig.preset("S-sliding_window").attention_window == 4096
+def test_random_features_stay_float32_inside_bf16_autocast():
+    q, k, v = (t.detach() for t in _qkv(40))
+    w = rf.draw_frequencies("gaussian", 16, 8)
+    plain = rf.rf_attention(q, k, v, w, "gaussian")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = rf.rf_attention(q, k, v, w, "gaussian")
+    assert rel_err(inside, plain) <= 1e-6

@@ -69,3 +69,12 @@ def test_bad_shapes():
     q, k, v = _inputs(8)
     with pytest.raises(ValueError, match=r"got q \(2, 3, 8, 6\), k \(2, 3, 7, 6\)"):
         causal_linear_attention(q, k[:, :, :7], v)
+
+
+def test_float32_inside_bf16_autocast():
+    # autocast would run the matmuls in bf16 (rel ~1e-2); the op turns it off for its float32 sums
+    q, k, v = (t.detach() for t in _inputs(70))
+    plain = causal_linear_attention(q, k, v, chunk_size=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = causal_linear_attention(q, k, v, chunk_size=16)
+    assert inside.dtype == torch.float32 and rel_err(inside, plain) <= 1e-6

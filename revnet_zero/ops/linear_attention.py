@@ -35,6 +35,11 @@ def causal_linear_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int = 6
     _check(q, k, v)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    with torch.autocast(q.device.type, enabled=False):   # float32 sums even inside a bf16 autocast region
+        return _chunked(q, k, v, chunk_size)
+
+
+def _chunked(q: Tensor, k: Tensor, v: Tensor, chunk_size: int) -> Tensor:
     B, H, S, _ = q.shape
     dv = v.shape[-1]
     C = min(chunk_size, S)

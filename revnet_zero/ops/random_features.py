@@ -57,9 +57,14 @@ def draw_frequencies(kernel: str, num_features: int, dim: int, generator: torch.
 
 
 def feature_map(x: Tensor, w: Tensor, kernel: str) -> Tensor:
-    """``x`` ``[..., d]`` -> features ``[..., m]`` in float32 with ``phi(x) . phi(y) ~ K(x, y)``."""
-    xf = x.float()
-    proj = xf @ w.float().t()
+    """``x`` ``[..., d]`` -> features ``[..., m]`` in float32 with ``phi(x) . phi(y) ~ K(x, y)`` (autocast
+    off: a bf16 projection would put percent-level errors into the exponentials)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _features(x.float(), w.float(), kernel)
+
+
+def _features(xf: Tensor, w: Tensor, kernel: str) -> Tensor:
+    proj = xf @ w.t()
     if kernel == "gaussian":
         return torch.exp(proj - xf.square().sum(-1, keepdim=True)) / math.sqrt(w.shape[0])
     return torch.cat([proj.cos(), proj.sin()], dim=-1) / math.sqrt(w.shape[0])
@@ -114,10 +119,12 @@ def rf_state(k: Tensor, v: Tensor, w: Tensor, kernel: str, heads: int) -> Tensor
     """The decoding state after keys/values ``[B, Hkv, S, hd]``: ``sum_j phi(k_j) [v_j, 1]^T`` ``[B, H, m, hd + 1]``."""
     fk = feature_map(scaled(_expand(k, heads)), w, kernel)
     v1 = torch.cat([_expand(v, heads).float(), torch.ones(*fk.shape[:3], 1, device=v.device)], -1)
-    return fk.transpose(-1, -2) @ v1
+    with torch.autocast(k.device.type, enabled=False):
+        return fk.transpose(-1, -2) @ v1
 
 
 def rf_decode(q: Tensor, state: Tensor, w: Tensor, kernel: str) -> Tensor:
     """One step: q ``[B, H, T, hd]`` against the state (which already holds these positions' keys)."""
-    out = query_features(scaled(q), w, kernel) @ state
+    with torch.autocast(q.device.type, enabled=False):
+        out = query_features(scaled(q), w, kernel) @ state
     return (out[..., :-1] / out[..., -1:].clamp_min(DENOM_EPS)).to(q.dtype)
