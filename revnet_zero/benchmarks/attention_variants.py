@@ -119,8 +119,8 @@ def choose_repeats(row: Row, done: list[Row], left: float, most: int = 3) -> int
     """``most`` timed steps if they fit in ``left`` seconds (with the first step at 1.5x), 1 or 0 if only
     that fits, None to skip."""
     p = row.predicted_s = predict(row, done)
-    if p is None:
-        return most if left > 60 else min(most, 1)
+    if p is None:   # nothing to predict from: long rows take one timed step, as their first may be minutes
+        return min(most, 1) if row.seq_len >= 256 * K or left < 60 else most
     for n in sorted({most, min(most, 1), 0}, reverse=True):
         if p * (1.5 + n) <= left:
             return n
