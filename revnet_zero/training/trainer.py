@@ -32,6 +32,14 @@ STATE_KEYS = ("step", "optimizer", "scaler", "rng", "data")  # what a trainer.pt
 
 @dataclass
 class TrainingConfig:
+    """Options of ``Trainer``; every float finite and in range (checked here, not at the first step).
+
+    Example::
+
+        config = TrainingConfig(lr=1e-3, batch_size=16, on_nonfinite="skip")
+        trainer = Trainer(model, config, out_dir="run")    # keywords override the config's fields
+    """
+
     lr: float = 3e-4                          # peak learning rate of AdamW
     weight_decay: float = 0.1                 # on weight matrices and embeddings only (dim >= 2)
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas, each in [0, 1)
