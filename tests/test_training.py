@@ -203,3 +203,11 @@ def test_lists_of_sequences_train_and_evaluate_alike_and_the_run_is_saved_first(
     with pytest.raises(ValueError, match="input_ids must lie in"):
         broken.train(train_dataset=train_list, eval_dataset=[torch.full((32,), 999)], num_steps=2)
     assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step-000002"  # saved before evaluating
+
+
+def test_resuming_with_another_kind_of_data_is_refused(tmp_path):
+    train, _ = data()
+    loader = [torch.stack([train[i], train[i + 1]]) for i in range(0, 8, 2)]
+    Trainer(tiny(), **fast(out_dir=str(tmp_path))).train(train_loader=loader, num_steps=2)
+    with pytest.raises(ValueError, match=r"data position .* does not fit this run's Batches .*same kind of data"):
+        Trainer(tiny(), **fast(out_dir=str(tmp_path))).train(train_dataset=train, num_steps=4, resume=True)

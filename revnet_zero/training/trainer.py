@@ -330,10 +330,18 @@ class Trainer:
     def _restore_data_position(self, train_loader) -> None:
         if self._data_state is None:
             return
-        if hasattr(train_loader, "load_state_dict"):
-            train_loader.load_state_dict(self._data_state)
+        state, skipping = self._data_state, not hasattr(train_loader, "load_state_dict")
+        # (a loader of the user's own with state_dict() checks its state itself)
+        keys = {"epoch", "batch"} if skipping else set(train_loader.state_dict()) if isinstance(
+            train_loader, Batches) else set()
+        if not keys <= set(state):  # a position saved for another kind of data
+            raise ValueError(f"the checkpoint's data position {state} does not fit this run's "
+                             f"{'train_loader' if skipping else type(train_loader).__name__} (it needs "
+                             f"{sorted(keys)}): resume with the same kind of data as the run that saved it")
+        if skipping:
+            self._data_pos = {"epoch": state["epoch"], "batch": state["batch"]}
         else:
-            self._data_pos = dict(self._data_state)
+            train_loader.load_state_dict(state)
         self._data_state = None
 
     def _loop(self, stream, eval_source: dict | None, total: int, t0: float, time_limit_s: float | None) -> None:
