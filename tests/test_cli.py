@@ -160,6 +160,10 @@ def test_bad_sizes_and_an_output_folder_that_cannot_be_made_are_error_lines(tmp_
     r = invoke("demo", "--steps", 1, "--out-dir", blocker / "demo", "--device", "cpu")
     assert_error_line(r, "cannot write to the output folder")
     assert_error_line(invoke("profile", "--batch-size", 0, "--device", "cpu"), "--batch-size")
+    assert_error_line(invoke("demo", "--batch-size", 0, "--out-dir", tmp_path / "d", "--device", "cpu"),
+                      "batch_size must be an integer >= 1, got 0")
+    assert_error_line(invoke("demo", "--steps", 0, "--out-dir", tmp_path / "d", "--device", "cpu"),
+                      "steps must be an integer >= 1, got 0")
 
 
 @pytest.mark.parametrize("failure", ["oserror", "torch_zip_writer"])
