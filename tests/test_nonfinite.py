@@ -141,3 +141,11 @@ def test_a_healthy_run_skips_nothing():
     trainer = Trainer(tiny(), **fast())
     summary = trainer.train(train_dataset=train_data(), num_steps=2)
     assert summary["skipped_steps"] == 0 and math.isfinite(summary["loss"])
+
+
+def test_a_non_finite_override_to_train_is_refused_before_any_step():
+    trainer = Trainer(tiny(), **fast())
+    before = weights(trainer.module)
+    with pytest.raises(ValueError, match="gradient_clip must be a finite number, got nan"):
+        trainer.train(train_dataset=train_data(), num_steps=1, gradient_clip=float("nan"))
+    assert trainer.step == 0 and all(torch.equal(v, before[k]) for k, v in weights(trainer.module).items())
