@@ -66,7 +66,8 @@ class TrainingConfig:
     on_nonfinite: str = "raise"               # a step with NaN/Inf loss or gradients is never applied;
                                               # 'raise': stop, naming the parameters; 'skip': drop the step
                                               # and go on (counted in the metrics). fp16 loss scaling
-                                              # always skips overflowing steps, as GradScaler does
+                                              # skips overflowing steps, as GradScaler does, and 'raise'
+                                              # stops once they overflow with the scale below 1
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -429,8 +430,13 @@ class Trainer:
             applied = True
         else:
             applied = False
-        if not applied and c.on_nonfinite == "raise" and (c.precision != "fp16" or not math.isfinite(loss)):
+        # fp16: skipping is how loss scaling finds its scale; once the scale is below 1 the scaled
+        # gradients are smaller than the true ones, so what still overflows is not the scaling's doing
+        scaling = c.precision == "fp16" and math.isfinite(loss) and self.scaler.get_scale() >= 1.0
+        if not applied and c.on_nonfinite == "raise" and not scaling:
             message = self._nonfinite_message(loss, norm)  # names the parameters: before zero_grad
+            if c.precision == "fp16" and math.isfinite(loss):
+                message += f" (fp16: the loss scale fell to {self.scaler.get_scale():.3g} and still overflows)"
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(message)
         self.optimizer.zero_grad(set_to_none=True)
