@@ -459,11 +459,13 @@ class Trainer:
 
     def _nonfinite_message(self, loss: float, norm: float) -> str:
         what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm} (loss {loss:.4g})"
-        bad = [n for n, p in self.module.named_parameters() if p.grad is not None
-               and not bool(torch.isfinite(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).all())]
+        bad = [n for n, p in self.module.named_parameters()
+               if p.grad is not None and not bool(torch.isfinite(_local(p.grad)).all())]
+        names = ""
+        if bad:  # on this rank: under FSDP2 each rank sees its own shards
+            names = f"; non-finite gradients in {', '.join(bad[:8])}" + (f" and {len(bad) - 8} more"
+                                                                         if len(bad) > 8 else "")
         where = last_good_checkpoint(self._checkpoint_root()) if self.config.out_dir else None
-        names = f"; non-finite gradients in {', '.join(bad[:8])}" + (f" and {len(bad) - 8} more" if len(bad) > 8
-                                                                     else "") if bad else ""
         return (f"{what} at step {self.step + 1}{names}; stopped before updating the weights. Last good "
                 f"checkpoint: {where or 'none written'}. Try a lower lr (now "
                 f"{self.optimizer.param_groups[0]['lr']:.3g}) or gradient_clip"
