@@ -1,4 +1,4 @@
-"""The trainer: learning, bitwise resume, accumulation, precision, bad input, NaN, the seed's front doors."""
+"""The trainer: learning, bitwise resume, accumulation, precision, bad input, NaN, the front doors."""
 import json
 import math
 
@@ -191,7 +191,7 @@ def test_distributed_trainer_needs_torch_distributed_initialised():
 
 
 def test_lists_of_sequences_train_and_evaluate_alike_and_the_run_is_saved_first(tmp_path):
-    """The seed's call: train_dataset and eval_dataset as lists of [S] tensors."""
+    """The documented call: train_dataset and eval_dataset as lists of [S] tensors."""
     train, val = data()
     train_list, val_list = [train[i] for i in range(len(train))], [val[i] for i in range(len(val))]
     trainer = LongContextTrainer(tiny(), max_length=32, **fast(out_dir=str(tmp_path / "a")))
