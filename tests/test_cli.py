@@ -207,3 +207,5 @@ def test_each_usage_line_names_its_subcommand(command):
     r = runner.invoke(app, [command, "--help"], prog_name="revnet-zero")
     assert r.exit_code == 0, r.output
     assert re.search(rf"^usage: revnet-zero {command}\b", r.output, flags=re.I | re.M), r.output[:300]
+    if command != "bench":  # (bench prints the benchmark runner's own help, which that module owns)
+        assert not re.search(r"DESIGN\.md|BENCHMARKS\.md|shared/|seed doc", r.output), r.output
