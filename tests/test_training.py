@@ -1,4 +1,4 @@
-"""The trainer: learning, bitwise resume, accumulation, precision, bad input, NaN, the seed's front doors."""
+"""The trainer: learning, bitwise resume, accumulation, precision, bad input, NaN, the front doors."""
 import json
 import math
 
@@ -189,7 +189,7 @@ def test_distributed_trainer_needs_torch_distributed_initialised():
 
 
 def test_lists_of_sequences_train_and_evaluate_alike_and_the_run_is_saved_first(tmp_path):
-    """The seed's call: train_dataset and eval_dataset as lists of [S] tensors."""
+    """The documented call: train_dataset and eval_dataset as lists of [S] tensors."""
     train, val = data()
     train_list, val_list = [train[i] for i in range(len(train))], [val[i] for i in range(len(val))]
     trainer = LongContextTrainer(tiny(), max_length=32, **fast(out_dir=str(tmp_path / "a")))
@@ -224,3 +224,11 @@ def test_long_context_trainer_switches_attention_keeping_weights(kwargs, attenti
         dict(attention_window_size=8)
     with pytest.raises(ValueError, match=f"the model uses attention='{attention}'"):
         LongContextTrainer(model, max_length=32, **other, **fast())
+
+
+def test_resuming_with_another_kind_of_data_is_refused(tmp_path):
+    train, _ = data()
+    loader = [torch.stack([train[i], train[i + 1]]) for i in range(0, 8, 2)]
+    Trainer(tiny(), **fast(out_dir=str(tmp_path))).train(train_loader=loader, num_steps=2)
+    with pytest.raises(ValueError, match=r"data position .* does not fit this run's Batches .*same kind of data"):
+        Trainer(tiny(), **fast(out_dir=str(tmp_path))).train(train_dataset=train, num_steps=4, resume=True)

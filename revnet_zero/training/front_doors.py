@@ -1,6 +1,6 @@
-"""The seed's three trainer names: thin front doors over ``Trainer`` that take the seed's arguments.
+"""Three trainer names: thin front doors over ``Trainer`` with arguments of their own.
 
-A seed argument that asks for something RevNet-Zero does not do raises a ValueError saying so; none
+An argument that asks for something RevNet-Zero does not do raises a ValueError saying so; none
 is accepted and ignored.
 """
 from __future__ import annotations
