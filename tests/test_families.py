@@ -50,9 +50,9 @@ OPTIONS = [f for f in SPECS if SPECS[f][3] is not None]
 MOES = ["qwen3_moe", "mixtral"]
 
 
-def build(family, options=True, seed=0):
+def build(family, options=True, seed=0, dropout=0.1):
     config_cls, model_cls, own, off = SPECS[family]
-    config = getattr(transformers, config_cls)(**COMMON, **(own if options else off))
+    config = getattr(transformers, config_cls)(**{**COMMON, "attention_dropout": dropout}, **(own if options else off))
     torch.manual_seed(seed)
     return getattr(transformers, model_cls)(config)
 
@@ -173,6 +173,45 @@ def test_moe_load_balancing_loss_gradient_reaches_every_layer(family):
     with torch.no_grad():
         assert torch.equal(original.eval()(input_ids=x, labels=x).aux_loss,
                            converted.eval()(input_ids=x, labels=x).aux_loss)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma2", "qwen3_moe"])
+def test_packed_documents_do_not_see_each_other(family):
+    """Two documents in one row, ``position_ids`` restarting at the second and no attention mask (what
+    packing collators give): Hugging Face builds a block-diagonal causal mask from the positions
+    (SDPA, or eager for Gemma 2's soft-capping), and the converted layers receive it unchanged, so
+    each document's logits and gradients are those of the document run alone. Training at batch 1 with
+    the same seed draws the same signs in both runs, so a loss that is a sum over positions splits
+    into the documents' losses exactly. Tolerances: eval atol 1e-5; gradients relative 1e-5 (a masked
+    softmax over the row against one over the document alone sums in another order: 1e-6 measured)."""
+    converted = convert_to_reversible(build(family, dropout=0.0), verbose=False)   # same masks both ways
+    docs = [ids(batch=1, length=7, seed=3), ids(batch=1, length=12, seed=4)]
+    packed = torch.cat(docs, 1)
+    position_ids = torch.cat([torch.arange(7), torch.arange(12)])[None]
+    weights = torch.randn(1, 19, VOCAB, generator=torch.Generator().manual_seed(5))
+    # use_cache=False: with a cache Hugging Face does not read documents from the positions (trainers set it)
+    with torch.no_grad():
+        together = converted.eval()(input_ids=packed, position_ids=position_ids, use_cache=False).logits
+        alone = torch.cat([converted(input_ids=d, use_cache=False).logits for d in docs], 1)
+        crossing = converted(input_ids=packed, use_cache=False).logits   # no document boundary
+    assert torch.allclose(together, alone, atol=1e-5)
+    assert not torch.allclose(crossing, alone, atol=1e-3)
+    converted.train()
+    for p in converted.parameters():
+        p.requires_grad_(True)
+
+    def grads(batches):
+        converted.zero_grad(set_to_none=True)
+        for (x, pos), w in batches:
+            torch.manual_seed(6)
+            (converted(input_ids=x, position_ids=pos, use_cache=False).logits * w).sum().backward()
+        return {n: p.grad.clone() for n, p in converted.named_parameters() if p.grad is not None}
+
+    g_packed = grads([((packed, position_ids), weights)])
+    g_alone = grads([((docs[0], None), weights[:, :7]), ((docs[1], None), weights[:, 7:])])
+    assert g_packed.keys() == g_alone.keys()
+    worst = max(rel_err(g_packed[n], g_alone[n]) for n in g_alone)
+    assert worst <= 1e-5, worst
 
 
 @pytest.mark.parametrize("family", NEW)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import types
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -250,9 +252,19 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
                               gap_rel=(diff.norm() / reference.double().norm().clamp_min(1e-300)).item(),
                               mlp_chunk=mlp_chunk_size, lean_norms=lean, offload=offload, family=family)
     model.reversible_report = report
+    model.gradient_checkpointing_enable = types.MethodType(_checkpointing_not_needed, model)  # deepcopy rebinds it
     if verbose:
         print(report)
     return model
+
+
+def _checkpointing_not_needed(self, *args, **kwargs) -> None:
+    """``gradient_checkpointing_enable`` of a converted model: a no-op with a notice. Trainers turn
+    checkpointing on by default (TRL's ``SFTConfig``); the reversible layers keep no activations, so
+    checkpointing would only run every layer once more. Layers that could not be made reversible are
+    checkpointed by the converter already."""
+    warnings.warn("revnet_zero: gradient_checkpointing_enable() ignored: the converted model's reversible layers "
+                  "keep no activations, so checkpointing would only recompute them again", UserWarning, stacklevel=2)
 
 
 def bdia_reference(model: nn.Module, gamma0: float = 0.5, mlp_chunk_size: int | None = None) -> nn.Module:
@@ -302,6 +314,6 @@ def convert_from_reversible(model: nn.Module, inplace: bool = False) -> nn.Modul
                 untile_mlp(m.layer.mlp)
             for mod in m.layer.modules():
                 plain_rmsnorm(mod)
-    if "reversible_report" in model.__dict__:
-        del model.reversible_report
+    for name in ("reversible_report", "gradient_checkpointing_enable"):
+        model.__dict__.pop(name, None)
     return model
