@@ -214,6 +214,15 @@ def test_packed_documents_do_not_see_each_other(family):
     assert worst <= 1e-5, worst
 
 
+def test_two_stream_couplings_refuse_recorded_outputs_in_training():
+    """'additive'/'affine' would leave the load-balancing loss without a gradient: refused, not silent."""
+    converted = convert_to_reversible(build("qwen3_moe"), coupling="additive", verbose=False).train()
+    with pytest.raises(ValueError, match="output_router_logits.*use coupling='bdia'"):
+        converted(input_ids=ids(), labels=ids())
+    converted.config.output_router_logits = False
+    converted(input_ids=ids(), labels=ids()).loss.backward()   # without recording it trains
+
+
 @pytest.mark.parametrize("family", NEW)
 def test_round_trip_saves_a_plain_model(family, tmp_path):
     original = build(family)

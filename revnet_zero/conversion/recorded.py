@@ -31,6 +31,13 @@ def _collector_var():
     return getattr(module, "_active_collector", None)
 
 
+def recording_active() -> bool:
+    """Whether a model call is collecting layer outputs now (a non-empty collector)."""
+    var = _collector_var()
+    collector = var.get() if var is not None else None
+    return bool(collector)
+
+
 class Recording:
     """Where one layer call's recorded tensors sit in the model call's collector.
 
