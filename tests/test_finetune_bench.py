@@ -56,6 +56,13 @@ def test_alst_runner_writes_the_recipe_on_the_same_tokens(tmp_path):
     assert ids == finetune.tokens(run, 256)[0].tolist()
 
 
+def test_alst_under_a_cap_starts_the_capped_entry_point():
+    assert finetune_alst.command("r.yaml", None) == ["arctic_training", "r.yaml", "--num_gpus", "1"]
+    capped = finetune_alst.command("r.yaml", 78.4)
+    assert capped[:5] == ["deepspeed", "--num_gpus", "1", "--module", "revnet_zero.benchmarks.alst_capped"]
+    assert capped[capped.index("--config") + 1] == "r.yaml"
+
+
 def test_search_bisects_on_fresh_processes(tmp_path, monkeypatch):
     """The longest-length search, with each probe's result faked: lengths up to 96 'train'."""
     calls = []

@@ -218,7 +218,7 @@ def main(runner: str, run_one, argv=None, extra=None) -> list[dict]:
                   memory_cap_gib=a.memory_cap_gib, device=a.device)
     if a.search:
         return [search(runner, a, argv if argv is not None else sys.argv[1:])]
-    if a.memory_cap_gib is not None:
+    if a.memory_cap_gib is not None and runner != "alst":   # arctic-training's process applies its own
         total = torch.cuda.get_device_properties(0).total_memory / GIB
         torch.cuda.set_per_process_memory_fraction(a.memory_cap_gib / total)
     rows = []

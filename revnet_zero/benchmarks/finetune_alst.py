@@ -6,7 +6,9 @@ host for full-parameter training). This runner writes what arctic-training needs
 data, all local: the random-init model saved in bf16, a word-level tokenizer whose word ``<i>`` is
 token ``i`` (so the text ``"<5> <77> ..."`` is the same token ids as the other runners'), the text as a
 ``datasets`` dataset on disk, and the recipe (a YAML file); then launches ``arctic_training RECIPE
---num_gpus 1`` and reads its per-iteration log (``train-log-metrics.jsonl``). Peak GPU memory is
+--num_gpus 1`` and reads its per-iteration log (``train-log-metrics.jsonl``). With ``--memory-cap-gib``
+DeepSpeed's launcher starts ``alst_capped`` (the cap, then arctic-training's own rank entry point)
+instead, as arctic-training's CLI would start ``arctic_training_run``. Peak GPU memory is
 sampled from NVML (the whole process: context and allocator cache included); pinned host memory
 is not reported by arctic-training (recorded as None).
 
@@ -67,6 +69,13 @@ def recipe(run: Run, model_dir: str, data_dir: str, out_dir: str) -> dict:
     }
 
 
+def command(path: str, cap_gib: float | None) -> list[str]:
+    if cap_gib is None:
+        return ["arctic_training", path, "--num_gpus", "1"]
+    return ["deepspeed", "--num_gpus", "1", "--module", "revnet_zero.benchmarks.alst_capped", "--mode", "train",
+            "--config", path, "--python_profile", "disable"]
+
+
 def prepare(run: Run, work: str) -> tuple[str, list[str]]:
     """Write the model, tokenizer, data and recipe under ``work``; the recipe path and the command."""
     import datasets
@@ -84,13 +93,10 @@ def prepare(run: Run, work: str) -> tuple[str, list[str]]:
     path = os.path.join(work, "recipe.yaml")
     with open(path, "w") as f:
         json.dump(recipe(run, model_dir, data_dir, out_dir), f, indent=1)   # JSON is YAML
-    return path, ["arctic_training", path, "--num_gpus", "1"]
+    return path, command(path, run.memory_cap_gib)
 
 
 def run_one(run: Run, a) -> dict:
-    if run.memory_cap_gib is not None:
-        raise ValueError("--memory-cap-gib caps this process's allocator; arctic-training runs in its own: "
-                         "compare its NVML peak with the cap instead")
     work = a.work or tempfile.mkdtemp(prefix="alst_")
     path, cmd = prepare(run, work)
     row = {**run.__dict__, "recipe": path, "command": " ".join(cmd)}
@@ -99,9 +105,12 @@ def run_one(run: Run, a) -> dict:
     if shutil.which(cmd[0]) is None:
         return {**row, "status": "error", "error": "arctic_training is not installed (pip install arctic-training)"}
     sampler = PeakSampler()
+    env = dict(os.environ)
+    if run.memory_cap_gib is not None:
+        env["REVNET_MEMORY_CAP_GIB"] = str(run.memory_cap_gib)
     t0 = time.perf_counter()
     with sampler:
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     row.update(wall_s=time.perf_counter() - t0, peak_gpu_nvml_gib=sampler.peak_gib, pinned_host_gib=None)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout)[-2000:]
