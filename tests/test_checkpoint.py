@@ -187,3 +187,16 @@ def test_temporaries_of_a_killed_save_are_cleaned_on_the_next_save_or_load(tmp_p
     again.write_bytes(b"half")
     save_checkpoint(tmp_path, 3, tiny(), {"step": 3})
     assert not again.exists()
+
+
+def test_a_field_added_to_the_config_after_the_checkpoint_counts_as_its_default(tmp_path):
+    from revnet_zero.training.checkpoint import model_metadata
+    model = tiny()
+    older = model_metadata(model)   # as a version without the attention fields would have written it
+    for key in ("attention", "attention_window", "rf_kernel"):
+        older["model_config"].pop(key)
+    save_checkpoint(tmp_path, 1, model, {"step": 1}, older)
+    load_checkpoint(tmp_path, tiny(seed=1))    # the defaults: the same model
+    changed = tiny(seed=1, attention_window=128)   # not the default: refused, and said so
+    with pytest.raises(ValueError, match=r"attention_window: checkpoint no value \(default 4096\), model 128"):
+        load_checkpoint(tmp_path, changed)

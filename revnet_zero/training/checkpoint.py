@@ -29,7 +29,7 @@ import shutil
 import socket
 import warnings
 from collections.abc import Iterable
-from dataclasses import asdict, is_dataclass
+from dataclasses import MISSING, asdict, fields, is_dataclass
 from pathlib import Path
 
 import torch
@@ -181,7 +181,8 @@ def _user_class(model: nn.Module) -> type:
 def check_config(meta: dict, model: nn.Module, path, allow_config_changes: Iterable[str] | bool = ()) -> None:
     """ValueError naming every recorded model field (and the class) that differs from ``model``'s,
     except those in ``allow_config_changes`` (True: allow any). Shapes alone do not tell a GPT from a
-    BERT, nor one rope_theta from another."""
+    BERT, nor one rope_theta from another. A field the checkpoint does not record (added to the config
+    class after it was written) counts as its default value."""
     if allow_config_changes is True:
         return
     allowed = set(allow_config_changes or ())
@@ -191,13 +192,26 @@ def check_config(meta: dict, model: nn.Module, path, allow_config_changes: Itera
         diffs.append(f"model_class: checkpoint {meta['model_class']}, model {now['model_class']}")
     saved, current = meta.get("model_config"), now.get("model_config")
     if isinstance(saved, dict) and current is not None:
-        for key in sorted(set(saved) | set(current)):
-            if key not in allowed and saved.get(key, "<absent>") != current.get(key, "<absent>"):
-                diffs.append(f"{key}: checkpoint {saved.get(key, '<absent>')!r}, model "
-                             f"{current.get(key, '<absent>')!r}")
+        defaults = _config_defaults(model.config)
+        for key in sorted((set(saved) | set(current)) - allowed):
+            then = saved[key] if key in saved else defaults.get(key, "<absent>")
+            if then != current.get(key, "<absent>"):
+                recorded = repr(then) if key in saved else f"no value (default {then!r})"
+                diffs.append(f"{key}: checkpoint {recorded}, model {current.get(key, '<absent>')!r}")
     if diffs:
         raise ValueError(f"checkpoint {path} was written from another model configuration: " + "; ".join(diffs)
                          + ". If the change is deliberate, pass allow_config_changes=[names of those fields]")
+
+
+def _config_defaults(config) -> dict:
+    """The declared defaults of a config dataclass's fields, as JSON values."""
+    out = {}
+    for f in fields(config):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return json.loads(json.dumps(out, default=str))
 
 
 def nonfinite_tensors(tensors: dict) -> list[str]:
