@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -130,14 +131,16 @@ def plot(lm: dict, path: Path) -> bool:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m revnet_zero.benchmarks.attention_quality", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="folder for attention_quality_cpu_<date>.{md,json,png}")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--max-chars", type=int, default=1_000_000, help="bytes of stdlib source to read")
-    p.add_argument("--eval-sequences", type=int, default=64, help="held-out sequences scored (the first ones)")
+    p.add_argument("--eval-sequences", type=int, default=32, help="held-out sequences scored (the first ones)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steady on a shared machine)")
     p.add_argument("--probe-lengths", default="4096,8192,16384")
     p.add_argument("--probe-window", type=int, default=512)
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     out, stem = Path(args.out), f"attention_quality_cpu_{date}"
     out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         lm[name] = train_lm(overrides, train, val, args.steps, args.batch, max(1, args.steps // 10), args.seq_len)
         print(f"{name}: held-out {lm[name]['held_out_loss']:.4f} ({lm[name]['seconds']:.0f} s)", flush=True)
     probe = {S: recall_probe(S, args.probe_window) for S in map(int, args.probe_lengths.split(","))}
-    command = "python -m revnet_zero.benchmarks.attention_quality " + " ".join(argv or [])
+    command = " ".join(["python -m revnet_zero.benchmarks.attention_quality", *(sys.argv[1:] if argv is None else argv)])
     result = {"command": command, "torch": torch.__version__, "date": date, "lm": lm, "probe": probe,
               "args": vars(args), "train_sequences": len(train), "val_sequences": len(val)}
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
@@ -162,8 +165,10 @@ def report(r: dict, has_plot: bool, stem: str) -> str:
     lines = [f"# Attention variants: quality on CPU ({r['date']}, torch {r['torch']})", "",
              f"Command: `{r['command']}`", "",
              f"## Held-out loss: 2-layer d=64 reversible GPT, bytes, sequences of {a['seq_len']}, "
-             f"{a['steps']} steps of batch {a['batch']} (same seed, data and order)", "",
-             "| attention | held-out loss (nats/byte) | last train loss | CPU seconds |", "|---|---|---|---|"]
+             f"{a['steps']} steps of batch {a['batch']} (same seed, data and order), scored on "
+             f"{a.get('eval_sequences', '?')} held-out sequences", "",
+             "| attention | held-out loss (nats/byte) | last train loss | seconds (wall, 1 thread, shared CPU) |",
+             "|---|---|---|---|"]
     for name, x in r["lm"].items():
         lines.append(f"| {name} | {x['held_out_loss']:.4f} | {x['train_loss_last']:.4f} | {x['seconds']:.0f} |")
     if has_plot:
