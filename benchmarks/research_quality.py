@@ -72,12 +72,12 @@ def n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def matched(build, target: int) -> tuple[nn.Module, int]:
+def matched(build, target: int, seed: int) -> tuple[nn.Module, int]:
     """The model from ``build(d_ff)`` whose parameter count is nearest ``target`` (d_ff a multiple of 8;
     the count is linear in d_ff, so two builds give the line)."""
     n8, n16 = n_params(build(8)), n_params(build(16))
     d_ff = max(8, 8 * round((8 + (target - n8) * 8 / (n16 - n8)) / 8))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return build(d_ff), d_ff
 
 
@@ -98,7 +98,7 @@ def held_out(model, data, batches: int, batch: int) -> float:
 
 def train(name, model, train_set, eval_set, args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    gen = torch.Generator().manual_seed(0)   # the same batches, in the same order, for every model
+    gen = torch.Generator().manual_seed(args.seed)   # the same batches, in the same order, for every model
     curve, t0, recent = [], time.perf_counter(), []
     for step in range(1, args.steps + 1):
         lr = args.lr * min(1.0, step / max(1, args.steps // 10)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
@@ -120,14 +120,14 @@ def train(name, model, train_set, eval_set, args) -> dict:
 
 
 def build_models(vocab, args) -> dict:
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     base = transformer(vocab, args, "additive", args.d_ff)
     target = n_params(base)
     models = {"additive": (base, args.d_ff)}
     for coupling in ("rotation", "orthogonal"):
-        models[coupling] = matched(lambda f, c=coupling: transformer(vocab, args, c, f), target)
+        models[coupling] = matched(lambda f, c=coupling: transformer(vocab, args, c, f), target, args.seed)
     cont, d_ff = matched(lambda f: ContinuousLM(vocab, args.d_model, args.heads, f, args.ode_steps, args.seq),
-                         target)
+                         target, args.seed)
     _init(cont, args.layers)
     models["continuous"] = (cont, d_ff)
     return models
@@ -153,10 +153,12 @@ def write(rows, args, out_dir):
              f"{args.seq} bytes, lr {args.lr}, d_model {args.d_model}, {args.layers} layers (continuous: "
              f"{args.ode_steps} reversible-Heun steps of one shared vector field). Loss in nats per byte; held-out: "
              f"{args.eval_batches} batches of the last 2% of sequences. "
-             f"Command: `{' '.join(['python', 'benchmarks/research_quality.py'] + (args.argv or []))}`", "",
-             "| model | params | d_ff | train loss (last 20 steps) | held-out loss | seconds |", "|---|---|---|---|---|---|"]
+             "Commands: " + "; ".join(f"`python benchmarks/research_quality.py {' '.join(a)}`"
+                                      for a in args.argvs), "",
+             "| model | seed | params | d_ff | train loss (last 20 steps) | held-out loss | seconds |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['params']:,} | {r['d_ff']} | {r['train_loss_last20']:.4f} | "
+        lines.append(f"| {r['model']} | {r.get('seed', 0)} | {r['params']:,} | {r['d_ff']} | {r['train_loss_last20']:.4f} | "
                      f"{r['held_out_loss']:.4f} | {r['seconds']:.0f} |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -168,7 +170,7 @@ def write(rows, args, out_dir):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
-        ax.plot(*zip(*r["curve"]), "o-", label=f"{r['model']} ({r['params']:,} params)")
+        ax.plot(*zip(*r["curve"]), "o-", label=f"{r['model']} seed {r.get('seed', 0)} ({r['params']:,} params)")
     ax.set(xlabel="optimizer step", ylabel="held-out loss (nats per byte)", title="equal parameters and steps")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -180,35 +182,53 @@ def write(rows, args, out_dir):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--seq", type=int, default=64)
     p.add_argument("--d-model", type=int, default=96)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--d-ff", type=int, default=256)
     p.add_argument("--ode-steps", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=40)
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--max-chars", type=int, default=3_000_000)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", default="additive,rotation,orthogonal,continuous",
+                   help="comma-separated subset to train (to spread the models over processes)")
+    p.add_argument("--combine", nargs="*", default=None,
+                   help="instead of training, write one table from these result .json files")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, a few steps (CI)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.argvs = [args.argv]   # the commands that produced the rows (several after --combine)
     if args.smoke:
         args.steps, args.batch, args.seq, args.d_model, args.d_ff = 3, 2, 32, 32, 64
         args.eval_every, args.eval_batches, args.max_chars, args.heads = 3, 1, 200_000, 2
-    torch.manual_seed(0)
+    if args.combine:
+        runs = [json.load(open(f)) for f in args.combine]
+        rows = [r for run in runs for r in run["rows"]]
+        os.makedirs(args.out, exist_ok=True)
+        argvs = [a for run in runs for a in run["meta"]["args"].get("argvs") or [run["meta"]["args"]["argv"]]]
+        argvs.append(args.argv)
+        meta_args = {**vars(args), **runs[0]["meta"]["args"], "argvs": argvs}
+        print("wrote", write(rows, argparse.Namespace(**meta_args), args.out))
+        return rows
+    torch.manual_seed(args.seed)
     tok = ByteTokenizer()
     data = PackedDataset.from_texts(stdlib_sources(args.max_chars).texts, tok, args.seq)
     train_set, eval_set = data.split(0.02)
     rows = []
+    wanted = args.models.split(",")
     for name, (model, d_ff) in build_models(tok.vocab_size, args).items():
-        torch.manual_seed(0)
+        if name not in wanted:
+            continue
+        torch.manual_seed(args.seed)
         model.to(args.device)
-        rows.append({**train(name, model, train_set, eval_set, args), "d_ff": d_ff})
+        rows.append({**train(name, model, train_set, eval_set, args), "d_ff": d_ff, "seed": args.seed})
     os.makedirs(args.out, exist_ok=True)
     print("wrote", write(rows, args, args.out))
     return rows

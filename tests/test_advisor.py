@@ -152,3 +152,14 @@ def test_get_config_names_its_table_and_refuses_the_unknown():
         OptimalConfigs.get_config(model_size="7B", context_length=8192, hardware="H100_80GB")
     with pytest.raises(ValueError, match="longer than any measured on H100_80GB .longest 262,144"):
         OptimalConfigs.get_config(model_size="S", context_length=2**20, hardware="H100_80GB")
+
+
+def test_attention_share_is_computed_from_the_shape():
+    from revnet_zero.utils.advisor import attention_flop_share
+    # d = 1024, d_ff = 2816 (model S): attention matches the dense FLOPs at S = 4 D + 3 d_ff = 12,544
+    assert attention_flop_share(12544, 1024, 2816) == pytest.approx(0.5)
+    assert attention_flop_share(131072, 1024, 2816) > 0.75 > attention_flop_share(8192, 1024, 2816)
+    adv = OptimizationAdvisor(tiny(), target_seq_length=512, memory_budget=2**40, policies=("store", "recompute"))
+    rec = {r.category: r for r in adv.analyze()}["attention"]
+    assert rec.numbers["attention_flop_share"] == attention_flop_share(512, 96, 256)
+    assert "softmax" in rec.numbers["available"] and "%" in rec.suggestion

@@ -82,6 +82,14 @@ def saved_step_bytes(model: nn.Module, input_ids, policies: list[str] | None = N
     return sum(seen.values())
 
 
+def attention_flop_share(seq_len: int, d_model: int, d_ff: int) -> float:
+    """Causal attention's share of a block's forward FLOPs per token: ``2 S D`` (scores and values over
+    S/2 keys on average, 2 FLOPs a multiply-add) against ``2 (4 D^2 + 3 D d_ff)`` (q, k, v, o
+    projections and a gated FFN)."""
+    attn = 2.0 * seq_len * d_model
+    return attn / (attn + 2.0 * (4 * d_model**2 + 3 * d_model * d_ff))
+
+
 def _tokens(p: MemoryProfile) -> int:
     return p.input_shape[0] * p.input_shape[1]
 
@@ -220,20 +228,33 @@ backward (the backward's working set is measured on CUDA only). ``analyze()`` re
                               {"bytes_per_token": per_token, "fixed_bytes": base, "largest_batch": largest})
 
     def _attention_rec(self) -> Recommendation:
-        """Exact SDPA attention is what the models run; name the variant fields that exist, if any."""
-        variant = next((getattr(self.config, k) for k in ("attention", "attention_type", "attention_variant")
-                        if hasattr(self.config, k)), None)
-        numbers = {"device": str(self.device), "attention_field": variant}
+        """Attention's share of the step's FLOPs at the target length, the variants this install offers,
+        and the kernel advice for the device."""
+        from ..models import (
+            config as model_config,  # variants arrive with the config; read defensively
+        )
+        cfg = self.config
+        variant = getattr(cfg, "attention", "softmax")
+        variants = tuple(getattr(model_config, "ATTENTIONS", ("softmax",)))
+        share = attention_flop_share(self.target, cfg.d_model, getattr(cfg, "d_ff", None) or 4 * cfg.d_model)
+        numbers = {"device": str(self.device), "attention": variant, "available": variants,
+                   "attention_flop_share": share, "seq_len": self.target}
         if self.device.type == "cuda":
-            kernel = ("keep exact SDPA attention (flash / cuDNN / efficient back ends); to pin one, time them "
-                      "on this GPU and wrap the step in torch.nn.attention.sdpa_kernel(...)")
-            gain = "speed only: no back end keeps an S x S matrix, so the memory figures above hold for all"
+            kernel = ("exact attention runs through SDPA (flash / cuDNN / efficient back ends); to pin one, time "
+                      "them on this GPU and wrap the step in torch.nn.attention.sdpa_kernel(...)")
         else:
             kernel = "no GPU: SDPA runs its CPU kernel; the kernel choice changes nothing here"
-            gain = "none on CPU"
-        if variant is not None:
-            kernel = f"attention variant in use: {variant!r}; " + kernel
-        return Recommendation("attention", kernel, gain, numbers)
+        others = [v for v in variants if v != variant]
+        if variant == "softmax" and share > 0.5 and others:
+            text = (f"at {self.target:,} tokens exact attention is {share:.0%} of the step's FLOPs; {others} cost "
+                    "less at long context but change the model's math (train with them; not a drop-in swap). "
+                    + kernel)
+            gain = (f"at most {1 / (1 - share):.1f}x fewer FLOPs (if attention cost nothing); memory unchanged: "
+                    "no SDPA back end keeps an S x S matrix")
+        else:
+            text = f"keep attention={variant!r} ({share:.0%} of the FLOPs at {self.target:,} tokens); " + kernel
+            gain = "none needed" if share <= 0.5 else "speed only; memory unchanged"
+        return Recommendation("attention", text, gain, numbers)
 
     def apply_recommendations(self, model: nn.Module | None = None) -> nn.Module:
         """Set the planned policy on every block of ``model`` (default: the advised one); what changed
