@@ -117,6 +117,7 @@ def test_custom_vjp_gradients_equal_autodiff_in_float64():
     assert r.stdout.count("max") == 2
 
 
+@pytest.mark.slow
 def test_reversible_stack_keeps_dropout_masks_in_the_recompute():
     """With dropout, reversible gradients equal plain autodiff's only if the backward redraws the same
     masks; a different key gives different gradients (the masks are really used)."""

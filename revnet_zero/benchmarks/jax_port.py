@@ -151,7 +151,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"unknown runs {bad}; expected some of {RUNS}")
     preset, repeats = ("tiny", 1) if a.smoke else (a.preset, a.repeats)
     lens = [int(s) for s in (a.seq_lens or ("32,64" if a.smoke else "32768,131072,262144")).split(",")]
-    rows = []
+    from .measure import git_commit
+    meta = {"commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "preset": preset, "batch": 1, "repeats": repeats, "python": sys.version.split()[0]}
+    rows: list[dict] = []
     for s in lens:
         for run in runs:
             spec = {"run": run, "seq_len": s, "preset": preset, "repeats": repeats, "cpu": a.smoke}
@@ -159,18 +162,19 @@ def main(argv: list[str] | None = None) -> dict:
             r = rows[-1]
             print(f"{run:15s} {s:7d}  {r['status']:7s} step {r.get('step_s') or float('nan'):8.3f} s  "
                   f"peak {r.get('peak_gib') or float('nan'):7.2f} GiB  {r.get('error') or ''}", flush=True)
-    from .measure import git_commit
-    results = {"meta": {"commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                        "preset": preset, "batch": 1, "repeats": repeats, "python": sys.version.split()[0]},
-               "rows": rows, "ratios": ratios(rows)}
+            results = {"meta": meta, "rows": rows, "ratios": ratios(rows)}
+            if a.out:   # after every row, so a run cut short keeps what it measured
+                _write(a.out, results)
     for r in results["ratios"]:
         print(json.dumps(r))
-    if a.out:
-        tmp = f"{a.out}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, a.out)
     return results
+
+
+def _write(path: str, results: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
