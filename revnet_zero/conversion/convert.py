@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from .bdia import BDIALayer
-from .grid import gamma_bits
+from .grid import GRID_STEPS, GridStep, gamma_bits
+from .offload import HostQueue
 from .reference import BDIAReferenceLayer
 from .rmsnorm import lean_rmsnorm, plain_rmsnorm
 from .tiling import check_chunk, tile_mlp, untile_mlp
@@ -38,6 +39,7 @@ class ConversionReport:
     mlp_chunk: int | None = None       # positions per MLP tile in training (None: untiled)
     lean_norms: int = 0                # RMSNorm modules given the lean backward (rmsnorm.py)
     offload: bool = False              # bdia: grid tensors and kept bits in pinned host memory
+    grid_step: str = "auto"            # bdia: how the update and grid step run (GridStep's mode)
 
     def __str__(self) -> str:
         lines = [f"convert_to_reversible: {self.model}, coupling={self.coupling!r} ({self.setting}), "
@@ -150,7 +152,8 @@ def _default_probe(model: nn.Module) -> Tensor:
 def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_segments: int | None = None, *,
                           gamma0: float = 0.5, scale: float = 0.5, probe: Tensor | None = None,
                           inplace: bool = False, verbose: bool = True,
-                          mlp_chunk_size: int | None = None, offload: bool = False) -> nn.Module:
+                          mlp_chunk_size: int | None = None, offload: bool = False,
+                          grid_step: str = "auto") -> nn.Module:
     """A Hugging Face decoder model whose training keeps no per-layer activations.
 
     Supported: GPT2Model, GPT2LMHeadModel, LlamaModel, LlamaForCausalLM and models whose decoder
@@ -184,6 +187,13 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
     working set, whatever the depth; host memory holds ``16 + L·m/8`` bytes per element. For the
     longest contexts; at short ones the copies cost more than they save.
 
+    ``grid_step`` ('bdia' only): how the update and fixed-point step between layers run, all with the
+    same bits: ``'eager'`` (PyTorch ops), ``'compiled'`` (torch.compile, on CUDA), ``'triton'`` (the
+    one-pass kernels of ``revnet_zero.kernels``, on CUDA; needs ``pip install revnet-zero[triton]``) or
+    ``'auto'`` (compiled on CUDA, else eager). Offload runs the eager step (in place). A step that fails
+    to compile or launch warns once and this model runs it eagerly from then on
+    (``revnet_zero.conversion.grid.GridStep``).
+
     The gap is measured in eval on ``probe`` (default: 32 random tokens) against the unconverted
     model; the report is printed (``verbose``) and kept as ``model.reversible_report``.
     The model is copied unless ``inplace=True``.
@@ -207,6 +217,10 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
     if offload and coupling != "bdia":
         raise ValueError(f"offload=True keeps BDIA's grid tensors in host memory; coupling={coupling!r} has none "
                          "(use coupling='bdia')")
+    if grid_step not in GRID_STEPS:
+        raise ValueError(f"grid_step must be one of {GRID_STEPS}, got {grid_step!r}")
+    if grid_step != "auto" and coupling != "bdia":
+        raise ValueError(f"grid_step={grid_step!r} chooses how BDIA's grid step runs; coupling={coupling!r} has none")
     if mlp_chunk_size is not None:
         check_chunk(mlp_chunk_size)
     if coupling == "affine" and not 0 < scale < 1:
@@ -219,8 +233,10 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
     if not inplace:
         model = copy.deepcopy(model)
     if coupling == "bdia":
+        queue, step = (HostQueue() if offload else None), GridStep(grid_step)   # one each per model
+
         def make(layer, i, stack, starts, ends, pos):
-            return BDIALayer(layer, i, stack, starts, ends, m, offload)
+            return BDIALayer(layer, i, stack, starts, ends, m, queue, step)
         setting = f"gamma0=1/{2 ** m}"
     else:
         def make(layer, i, stack, starts, ends, pos):
@@ -234,7 +250,8 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
                               compared=f"{compared}, probe {tuple(probe.shape)}",
                               gap_max_abs=diff.abs().max().item(),
                               gap_rel=(diff.norm() / reference.double().norm().clamp_min(1e-300)).item(),
-                              mlp_chunk=mlp_chunk_size, lean_norms=lean, offload=offload)
+                              mlp_chunk=mlp_chunk_size, lean_norms=lean, offload=offload,
+                              grid_step=grid_step)
     model.reversible_report = report
     if verbose:
         print(report)
