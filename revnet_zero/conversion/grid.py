@@ -243,7 +243,7 @@ class GridStep:
         if mode not in GRID_STEPS:
             raise ValueError(f"grid_step must be one of {GRID_STEPS}, got {mode!r}")
         if mode == "triton":
-            from .. import kernels   # noqa: F401 - ImportError with the install hint, now rather than mid-step
+            from .. import kernels  # noqa: F401 - ImportError with the install hint, now rather than mid-step
         self.mode, self.devices = mode, tuple(devices)
         self.failed: str | None = None   # why this model fell back to the eager step, once it has
         self._compiled: dict = {}        # (function, m) -> its compiled form

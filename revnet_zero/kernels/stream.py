@@ -1,0 +1,85 @@
+"""The affine coupling's stream rebuild and its gradients in one Triton pass.
+
+In the reversible backward of ``AffineCoupling`` (``y = x·s + t``, ``(a, t) = h`` split along the last
+dim, ``s = exp(c·tanh(a))``) the engine rebuilds the stream and pulls the gradient through the update:
+
+    x  = (y - t) / s          dx = dy · s          dh = [dy · s · x · c·(1 - tanh(a)²),  dy]
+
+which eagerly is some ten elementwise passes (tanh, exp, sub, div, two scale-and-shift computations,
+products, a concatenation). Here one program reads a block of ``y, h, dy`` once and writes ``x`` over
+``y``, ``dx`` over ``dy`` and ``dh``. ``tanh`` and ``exp`` are Triton's, not PyTorch's, so results
+differ from ``reference_affine_separate_vjp`` by rounding (tests/test_kernels.py states the tolerance).
+For an additive coupling the engine already does one pass each (``y -= h``; ``dx`` is ``dy``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK = 1024
+
+
+@triton.jit
+def _affine_kernel(y_ptr, h_ptr, dy_ptr, dh_ptr, n, D, c, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < n
+    row, col = offs // D, offs % D
+    a = tl.load(h_ptr + row * 2 * D + col, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(h_ptr + row * 2 * D + D + col, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    th = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)   # tanh(a), exact at both ends (exp overflows to inf: th = 1)
+    s = tl.exp(c * th)
+    x = (y - t) / s
+    dx = dy * s
+    da = dx * x * (c * (1.0 - th * th))
+    tl.store(y_ptr + offs, x.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(dy_ptr + offs, dx.to(dy_ptr.dtype.element_ty), mask=mask)
+    tl.store(dh_ptr + row * 2 * D + col, da.to(dh_ptr.dtype.element_ty), mask=mask)
+    tl.store(dh_ptr + row * 2 * D + D + col, dy.to(dh_ptr.dtype.element_ty), mask=mask)
+
+
+@torch.library.custom_op("revnet_zero::affine_separate_vjp_", mutates_args=("y", "dy"))
+def _affine_op(y: Tensor, h: Tensor, dy: Tensor, scale_init: float) -> Tensor:
+    dh = torch.empty(h.shape, dtype=dy.dtype, device=dy.device)
+    n = y.numel()
+    if n:
+        _affine_kernel[(triton.cdiv(n, BLOCK),)](y, h.contiguous(), dy, dh, n, y.shape[-1], scale_init, BLOCK=BLOCK)
+    return dh
+
+
+@_affine_op.register_fake
+def _(y, h, dy, scale_init):
+    return torch.empty(h.shape, dtype=dy.dtype, device=dy.device)
+
+
+def affine_separate_vjp(y: Tensor, h: Tensor, dy: Tensor, scale_init: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x, dx, dh)`` of the affine coupling for its output ``y [..., D]``, its sub-function's output
+    ``h [..., 2D]`` (shift-and-scale logits ``a`` then shift ``t`` along the last dim) and the output's
+    gradient ``dy [..., D]``; ``x`` is written into ``y`` and ``dx`` into ``dy`` (both contiguous,
+    given up), ``dh`` is new, in ``dy``'s dtype.
+
+    Example::
+
+        x, dx, dh = affine_separate_vjp(y, h, dy, scale_init=0.1)
+    """
+    if y.shape != dy.shape or h.shape[:-1] != y.shape[:-1] or h.shape[-1] != 2 * y.shape[-1]:
+        raise ValueError(f"affine_separate_vjp needs y, dy [..., D] and h [..., 2D]; got y {tuple(y.shape)}, "
+                         f"h {tuple(h.shape)}, dy {tuple(dy.shape)}")
+    if not (y.is_contiguous() and dy.is_contiguous()):
+        raise ValueError("affine_separate_vjp writes x into y and dx into dy: both must be contiguous")
+    dh = _affine_op(y, h, dy, float(scale_init))
+    return y, dy, dh
+
+
+def reference_affine_separate_vjp(y: Tensor, h: Tensor, dy: Tensor, scale_init: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The eager path: ``AffineCoupling.separate`` then ``combine_vjp`` (last-dim split), out of place."""
+    a, t = h.chunk(2, dim=-1)
+    th = torch.tanh(a.to(torch.promote_types(a.dtype, torch.float32)))
+    s = torch.exp(scale_init * th)
+    x = (y - t) / s
+    dx = dy * s
+    da = dx * x * (scale_init * (1 - th * th))
+    return x, dx, torch.cat([da, dy], dim=-1)
