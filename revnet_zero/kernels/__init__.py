@@ -10,7 +10,8 @@ and runs where ``runs_on`` says: CUDA tensors, or CPU tensors under Triton's int
   model by ``convert_to_reversible(..., grid_step='triton')``.
 * ``causal_linear_attention`` / ``TritonRFAttention``: causal chunked linear attention on non-negative
   feature maps (random-Fourier-feature attention), forward and backward.
-* ``affine_separate_vjp``: the affine coupling's stream rebuild and its gradients in one pass.
+* ``affine_separate_vjp`` / ``TritonAffineCoupling``: the affine coupling's stream rebuild and its
+  gradients in one pass, in the engine's backward.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from .linear_attention import (
     causal_linear_attention,
     naive_causal_linear_attention,
 )
-from .stream import affine_separate_vjp, reference_affine_separate_vjp
+from .stream import TritonAffineCoupling, affine_separate_vjp, reference_affine_separate_vjp
 
 # Triton decides at a kernel's definition (this import) whether it is interpreted, so this is read once.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -50,6 +51,6 @@ def runs_on(t: Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and interpreting())
 
 
-__all__ = ["TritonRFAttention", "affine_separate_vjp", "bdia_grid_step", "bdia_grid_unstep",
+__all__ = ["TritonAffineCoupling", "TritonRFAttention", "affine_separate_vjp", "bdia_grid_step", "bdia_grid_unstep",
            "causal_linear_attention", "interpreting", "naive_causal_linear_attention",
            "reference_affine_separate_vjp", "reference_grid_step", "reference_grid_unstep", "runs_on"]
