@@ -279,3 +279,34 @@ def test_triton_affine_coupling_in_the_engine_matches_affine_coupling():
     (loss, grads), (floss, fgrads) = runs
     assert torch.equal(loss, floss)
     assert max(rel(a, b) for a, b in zip(fgrads, grads)) <= 1e-5
+
+
+def test_liger_rope_matches_apply_rope():
+    """Liger-Kernel's rotation of q and k (in place, one kernel) against layers.rope.apply_rope, forward
+    and backward, on the projections' [B, S, H, hd] layout, float32: 1e-6 (the same products; Liger
+    multiplies and adds in another order)."""
+    pytest.importorskip("liger_kernel")
+    from revnet_zero.kernels.norm_rope import liger_rope
+    from revnet_zero.layers.rope import apply_rope, rope_cos_sin
+    g = torch.Generator().manual_seed(0)
+    B, S, H, Hkv, hd = 2, 10, 4, 2, 16
+    q0 = torch.randn(B, S, H, hd, generator=g).to(DEV).transpose(1, 2)
+    k0 = torch.randn(B, S, Hkv, hd, generator=g).to(DEV).transpose(1, 2)
+    cos, sin = rope_cos_sin(0, S, hd, 10000.0, torch.device(DEV))
+    outs = []
+    for rope in ("liger", "torch"):
+        q, k = (t.detach().clone().requires_grad_() for t in (q0, k0))
+        qi, ki = q * 1, k * 1   # non-leaf, as a projection's output; the Liger kernel writes into them
+        qr, kr = liger_rope(qi, ki, cos, sin) if rope == "liger" else (apply_rope(qi, cos, sin), apply_rope(ki, cos, sin))
+        dq, dk = torch.autograd.grad((qr * qr.detach()).sum() + 2 * kr.sum(), (q, k))
+        outs.append((qr.detach(), kr.detach(), dq, dk))
+    for a, b in zip(*outs):
+        assert rel(a, b) <= 1e-6
+
+
+def test_layers_take_their_kernels_per_module():
+    from revnet_zero.layers.reversible_attention import SelfAttention
+    attn = SelfAttention(d_model=32, num_heads=4)
+    attn.kernels = "fast"
+    with pytest.raises(ValueError, match=r"kernels must be one of \('torch', 'liger'\), got 'fast'"):
+        attn(torch.randn(1, 5, 32))

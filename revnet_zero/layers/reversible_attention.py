@@ -8,9 +8,9 @@ from torch import Tensor, nn
 from ..engine import ReversibleBlock
 from ..ops import kept_attention
 from ..ops.limits import INT32_MAX_NUMEL, check_int32_numel
-from ..ops.norm import compute_dtype, rms_norm_cast
+from ..ops.norm import compute_dtype
 from .coupling_layers import CouplingType, StepCoupling, make_coupling
-from .rope import apply_rope, rope_cos_sin
+from .rope import norm_rope, rope_cos_sin
 
 
 class KVCache:
@@ -53,6 +53,8 @@ class SelfAttention(nn.Module):
         y = attn(torch.randn(2, 11, 96))            # [2, 11, 96]
     """
 
+    kernels = "torch"   # norm and rotary: 'torch', or 'liger' (Liger-Kernel's, on CUDA; layers.rope.norm_rope)
+
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int | None = None, causal: bool = True,
                  rope_theta: float = 10000.0, attention_dropout: float = 0.0, dropout: float = 0.0,
                  norm_eps: float = 1e-5, out_multiplier: int = 1):
@@ -78,13 +80,14 @@ class SelfAttention(nn.Module):
         check_int32_numel(B * S * self.wo.out_features, f"the attention output [B={B}, S={S}, "
                           f"{self.wo.out_features}]", "Use a shorter sequence or a smaller batch.")
         # one low-precision copy of the normed stream feeds q, k and v (autocast would make three)
-        h = rms_norm_cast(x, self.norm.weight, self.norm.eps, compute_dtype(self.norm.weight))
+        norm, rope = norm_rope(self.kernels)
+        h = norm(x, self.norm.weight, self.norm.eps, compute_dtype(self.norm.weight))
         q = self.wq(h).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)       # (B, H, S, hd)
         k = self.wk(h).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)    # (B, Hkv, S, hd)
         v = self.wv(h).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         start = cache.length if cache is not None else 0
         cos, sin = rope_cos_sin(start, S, self.head_dim, self.rope_theta, x.device)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = rope(q, k, cos, sin)
         if cache is not None:
             if start > 0 and S > 1:
                 raise ValueError(f"the KV cache takes a prompt then one token at a time; got {S} tokens "
