@@ -7,7 +7,7 @@ Forward, for a layer output ``y``, input ``x``, the grid integers ``X`` of ``x_p
     X_next = round_half_even(b · 2^24) + s·(X >> m)
     low    = X & (2^m - 1)                 (packed, m bits an element, eight elements to m bytes)
 
-and the largest ``|b|`` (NaN if any is NaN) as per-block partial maxima. ``X_next`` overwrites ``X``.
+and the largest ``|b|`` (NaN if any is NaN) as per-block partial maxima and NaN flags. ``X_next`` overwrites ``X``.
 Backward reads ``y, x, X_next`` and the packed bits and writes ``X_prev = (s·(X_next - round(b·2^24))
 << m) | low``. Both equal ``revnet_zero.conversion.grid``'s eager path bit for bit (its functions are
 the references here), for finite ``b``. A NaN or inf ``b`` gives a NaN or inf ``max |b|`` and the run
@@ -75,7 +75,7 @@ def _tile(pid, n, per_sample, signs_ptr, GROUPS: tl.constexpr):
 
 
 @triton.jit
-def _step_kernel(y_ptr, x_ptr, X_ptr, signs_ptr, packed_ptr, peak_ptr, n, per_sample,
+def _step_kernel(y_ptr, x_ptr, X_ptr, signs_ptr, packed_ptr, peak_ptr, nan_ptr, n, per_sample,
                  M: tl.constexpr, BF16: tl.constexpr, GROUPS: tl.constexpr):
     pid = tl.program_id(0)
     groups, offs, mask, s = _tile(pid, n, per_sample, signs_ptr, GROUPS)
@@ -89,8 +89,9 @@ def _step_kernel(y_ptr, x_ptr, X_ptr, signs_ptr, packed_ptr, peak_ptr, n, per_sa
     for i in tl.static_range(M):
         tl.store(packed_ptr + groups * M + i, ((word >> (8 * i)) & 255).to(tl.uint8), mask=gmask)
     a = tl.where(mask, tl.abs(b), 0.0)
-    nan = tl.max(tl.where(a != a, 1, 0))
-    tl.store(peak_ptr + pid, tl.where(nan > 0, float("nan"), tl.max(tl.where(a != a, 0.0, a))))
+    # NaN apart (a max's NaN handling differs between back ends): the host side puts it back
+    tl.store(nan_ptr + pid, tl.max(tl.where(a != a, 1, 0)).to(tl.int8))
+    tl.store(peak_ptr + pid, tl.max(tl.where(a != a, 0.0, a)))
 
 
 @triton.jit
@@ -133,13 +134,12 @@ def _programs(n: int) -> int:
 def _step_op(y: Tensor, x: Tensor, X: Tensor, signs: Tensor, m: int) -> tuple[Tensor, Tensor]:
     n = X.numel()
     packed = torch.empty(triton.cdiv(n, 8) * m, dtype=torch.uint8, device=X.device)
-    partial = torch.empty(max(_programs(n), 1), dtype=torch.float32, device=X.device)
+    partial = torch.full((max(_programs(n), 1),), float("-inf"), dtype=torch.float32, device=X.device)
+    nan = torch.zeros(partial.shape, dtype=torch.int8, device=X.device)
     if n:
-        _step_kernel[(_programs(n),)](y.contiguous(), x.contiguous(), X, signs.contiguous(), packed, partial, n,
-                                      n // signs.numel(), M=m, BF16=y.dtype == torch.bfloat16, GROUPS=GROUPS)
-    else:
-        partial.fill_(float("-inf"))
-    return packed, partial.max()   # torch.max propagates NaN
+        _step_kernel[(_programs(n),)](y.contiguous(), x.contiguous(), X, signs.contiguous(), packed, partial, nan,
+                                      n, n // signs.numel(), M=m, BF16=y.dtype == torch.bfloat16, GROUPS=GROUPS)
+    return packed, torch.where(nan.any(), float("nan"), partial.max())   # no host sync
 
 
 @_step_op.register_fake
