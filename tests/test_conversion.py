@@ -420,6 +420,20 @@ def test_a_failed_grid_step_falls_back_for_that_model_only(monkeypatch):
     assert torch.equal(loss, ref_loss) and all(torch.equal(grads[n], ref_grads[n]) for n in grads)
 
 
+def test_a_copied_model_has_its_own_grid_step_and_host_queue():
+    """convert_from_reversible and copy.deepcopy copy a converted model: the copy gets its own GridStep
+    (same choice, no compiled forms carried over) and HostQueue, shared by its own layers only."""
+    model = convert_to_reversible(LlamaForCausalLM(llama_config()), verbose=False, offload=True,
+                                  grid_step="compiled")
+    copied = copy.deepcopy(model)
+    parts = lambda m: [(layer.grid_step, layer.offload) for layer in m.modules()  # noqa: E731
+                       if isinstance(layer, bdia_module.BDIALayer)]
+    (step, queue), *rest = parts(model)
+    (cstep, cqueue), *crest = parts(copied)
+    assert all(s is step and q is queue for s, q in rest) and all(s is cstep and q is cqueue for s, q in crest)
+    assert cstep is not step and cqueue is not queue and cstep.mode == "compiled"
+
+
 def test_grid_step_option_is_checked():
     model = LlamaForCausalLM(llama_config())
     with pytest.raises(ValueError, match="grid_step must be one of .*got 'fast'"):

@@ -1,9 +1,10 @@
 """revnet_zero.kernels against their plain PyTorch references.
 
-Without a GPU the kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET=1`` is set here, before
-Triton is first imported (collection imports this module before any test runs; nothing else in the
-suite imports Triton on a CPU machine). With a GPU they run on CUDA, as compiled. Shapes are tiny:
-the interpreter runs a kernel's programs one by one in numpy.
+Without a GPU the kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET=1`` is set by
+conftest.py, before Triton is first imported (Triton's own library functions are made interpreted or
+compiled at that import; other test modules import transformers, which imports Triton), and again
+here for a run of this file alone. With a GPU they run on CUDA, as compiled. Shapes are tiny: the
+interpreter runs a kernel's programs one by one in numpy.
 
 Tolerances (max |kernel - reference| / max |reference|, per output):
 * BDIA grid step and unstep: none, bitwise (``torch.equal``). Integer arithmetic, exact products by
@@ -31,6 +32,16 @@ from revnet_zero import kernels as K  # noqa: E402
 from revnet_zero.kernels import grid_step as gs  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_triton_runs_interpreted_without_a_gpu():
+    """Guards the setup above: on a CPU, Triton's library and this package's kernels are interpreted."""
+    if DEV == "cuda":
+        assert not K.interpreting()
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+    assert K.interpreting() and isinstance(gs._step_kernel, InterpretedFunction)
+    assert isinstance(tl.sum, InterpretedFunction), "Triton was imported before TRITON_INTERPRET=1 was set"
 
 
 def rel(a, b):

@@ -283,6 +283,11 @@ class GridStep:
                           "eagerly from now on (same results, slower)", RuntimeWarning, stacklevel=3)
             return None
 
+    def __deepcopy__(self, memo) -> GridStep:
+        copied = GridStep.__new__(GridStep)   # the same choice, its own fallback state and compiled forms
+        copied.mode, copied.devices, copied.failed, copied._compiled = self.mode, self.devices, self.failed, {}
+        return copied
+
     def __repr__(self) -> str:
         return f"GridStep({self.mode!r}" + (f", failed: {self.failed}" if self.failed else "") + ")"
 

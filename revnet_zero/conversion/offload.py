@@ -54,6 +54,9 @@ class HostQueue:
     def __init__(self):
         self.in_flight: torch.cuda.Event | None = None
 
+    def __deepcopy__(self, memo) -> HostQueue:
+        return HostQueue()   # a copied model has no copy in flight (and a CUDA event does not copy)
+
     def wait(self) -> None:
         if self.in_flight is not None:
             self.in_flight.synchronize()
