@@ -398,7 +398,6 @@ def test_bdia_training_with_the_compiled_grid_step_changes_no_bit(monkeypatch, o
 def test_a_failed_grid_step_falls_back_for_that_model_only(monkeypatch):
     """A compile failure warns once and turns that model's step eager (same bits); another converted
     model keeps its own choice: no process-wide switch."""
-    from revnet_zero.conversion import grid
     torch.manual_seed(0)
     original = LlamaForCausalLM(llama_config(dropout=0.0))
     x = ids()

@@ -81,7 +81,8 @@ def _(q, k, v, chunk_size):
 
 
 @torch.library.custom_op("revnet_zero::causal_linear_attention_backward", mutates_args=())
-def _attention_backward_op(q: Tensor, k: Tensor, v: Tensor, do: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+def _attention_backward_op(q: Tensor, k: Tensor, v: Tensor, do: Tensor,
+                           chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
     return (_launch(do, v, k, q.dtype, chunk_size, reverse=False),    # dq_i = Σ_{j≤i} (do_i·v_j) k_j
             _launch(v, do, q, k.dtype, chunk_size, reverse=True),     # dk_j = Σ_{i≥j} (v_j·do_i) q_i
             _launch(k, q, do, v.dtype, chunk_size, reverse=True))     # dv_j = Σ_{i≥j} (k_j·q_i) do_i

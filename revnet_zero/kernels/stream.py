@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..layers.coupling_layers import AffineCoupling
+from .. import AffineCoupling   # the public name: where the class lives may move
 
 BLOCK = 1024
 
