@@ -273,7 +273,8 @@ def model_s(device, a, emit) -> None:
 
 def markdown(rows: list[dict], env: dict, a) -> str:
     lines = [f"# Triton kernels against their references, and end to end ({env['gpu']})", "",
-             f"torch {env['torch']}, triton {env.get('triton')}, commit {env['commit']}, {env['date']}. "
+             f"torch {env['torch']}, triton {env.get('triton')}, liger-kernel {env.get('liger_kernel')}, "
+             f"commit {env['commit']}, {env['date']}. "
              f"`python -m revnet_zero.benchmarks.kernels {' '.join(a.argv)}`", "",
              f"Micro: median of {a.repeats} calls after two warm-up calls; bytes are the op's minimal traffic "
              f"(each input read once, each output written once); HBM fraction against {a.hbm_tbps} TB/s.", "",
@@ -298,6 +299,10 @@ def markdown(rows: list[dict], env: dict, a) -> str:
                          f"{fmt(r.get('tokens_per_s'), '.0f')} | {vs} | {fmt(r.get('peak_gib'), '.2f')} | "
                          f"{r['status']} {r.get('error') or ''} |")
     lines += ["", "vs base: convert against hf_ac, model_s against standard on the torch ops, same length."]
+    if env.get("liger_kernel") is None:
+        lines.append("Liger-Kernel is not installed here: no 'liger' rows (pip install liger-kernel).")
+    if env.get("triton") is None or env["gpu"] == "cpu":
+        lines.append("No Triton kernel ran (Triton missing or no GPU): only the references' rows.")
     return "\n".join(lines) + "\n"
 
 
@@ -328,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown sections {sorted(unknown)}; choose from micro, convert, model_s")
     device = torch.device(a.device)
     env = environment(device, a.commit)
-    env["triton"] = _triton_version()
+    env["triton"] = _version("triton")
+    env["liger_kernel"] = _version("liger_kernel")
     os.makedirs(a.out, exist_ok=True)
     stem = os.path.join(a.out, f"kernels_{gpu_slug(env['gpu'])}_{env['date']}")
     rows: list[dict] = []
@@ -346,12 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if rows and all(r["status"] in ("ok", "oom") for r in rows) else 1
 
 
-def _triton_version() -> str | None:
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
     try:
-        import triton
-    except ImportError:
+        return version(package.replace("_", "-"))
+    except PackageNotFoundError:
         return None
-    return triton.__version__
 
 
 if __name__ == "__main__":
