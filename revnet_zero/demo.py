@@ -6,6 +6,7 @@ checkpoint, and samples some text. ``revnet-zero demo`` runs it; ``run_demo`` is
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import sysconfig
@@ -17,6 +18,7 @@ import torch
 from .data import ByteTokenizer, PackedDataset, TextCorpus, read_texts
 from .models import ReversibleGPT, TransformerConfig
 from .training import Trainer, compare_policies
+from .training.trainer import resolve_device
 
 MiB = 2 ** 20
 
@@ -44,7 +46,7 @@ def plot_losses(history: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    train = [(h["step"], h["loss"]) for h in history if h.get("loss") is not None]
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     ax.plot(*zip(*train), label="train")
     if evals:
@@ -103,6 +105,15 @@ def _sample(model, tok, seq_len: int, seed: int) -> str:
     return tok.decode(ids[0].tolist())
 
 
+def _check_sizes(minutes, **sizes) -> None:
+    """ValueError quoting the value, before anything is built or written."""
+    if isinstance(minutes, bool) or not (isinstance(minutes, (int, float)) and math.isfinite(minutes) and minutes > 0):
+        raise ValueError(f"minutes must be a finite number > 0, got {minutes!r}")
+    for name, v in sizes.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+
 def run_demo(out_dir="revnet-zero-demo", minutes: float = 3.0, steps: int | None = None,
              num_layers: int = 4, d_model: int = 256, num_heads: int = 4, seq_len: int = 256,
              batch_size: int = 4, lr: float = 2e-3, device: str | None = None, seed: int = 0,
@@ -111,10 +122,11 @@ def run_demo(out_dir="revnet-zero-demo", minutes: float = 3.0, steps: int | None
     given, else when ``minutes`` are up (the step count for the lr schedule is estimated from a
     timed step)."""
     t_start = time.perf_counter()
+    _check_sizes(minutes=minutes, steps=steps, batch_size=batch_size, seq_len=seq_len)
+    dev = resolve_device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)  # the trainer appends; a new demo starts a new file
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     tok = ByteTokenizer()
     train_set, eval_set = _demo_data(tok, seq_len, seed, echo)

@@ -1,6 +1,6 @@
-"""The seed's three trainer names: thin front doors over ``Trainer`` that take the seed's arguments.
+"""Three trainer names: thin front doors over ``Trainer`` with arguments of their own.
 
-A seed argument that asks for something RevNet-Zero does not do raises a ValueError saying so; none
+An argument that asks for something RevNet-Zero does not do raises a ValueError saying so; none
 is accepted and ignored.
 """
 from __future__ import annotations
@@ -15,10 +15,11 @@ class LongContextTrainer(Trainer):
     """Trainer for long sequences: ``max_length`` tokens per sequence, gradients accumulated over
     ``gradient_accumulation_steps`` micro-batches.
 
-    ``use_linear_attention_approximation`` and ``attention_window_size`` would change the model's
-    attention, which is the model's choice, not the trainer's: build the model with the attention you
-    want (exact attention, or ``revnet_zero.layers.RationalFourierAttention`` for linear attention).
-    Turning them on here raises a ValueError.
+    ``attention_window_size=w`` switches a model built with exact attention to sliding-window attention
+    over the last w tokens, ``use_linear_attention_approximation=True`` to random-feature (linear)
+    attention, keeping the weights, with a warning saying so (``self.attention_change``); a model that
+    already uses that attention is left as it is. Building the model with ``TransformerConfig(attention=
+    ...)`` is the direct way (see docs/attention.md).
 
     Example::
 
@@ -29,16 +30,12 @@ class LongContextTrainer(Trainer):
     def __init__(self, model: nn.Module, max_length: int | None = None, gradient_accumulation_steps: int = 1,
                  use_linear_attention_approximation: bool = False, attention_window_size: int | None = None,
                  config: TrainingConfig | None = None, **overrides):
-        if use_linear_attention_approximation:
-            raise ValueError("use_linear_attention_approximation=True: the trainer cannot swap a model's "
-                             "attention; build the model with RationalFourierAttention layers instead")
-        if attention_window_size is not None:
-            raise ValueError(f"attention_window_size={attention_window_size}: windowed attention is not a "
-                             "trainer option; RevNet-Zero trains exact attention over the whole sequence "
-                             "(leave attention_window_size=None)")
         model_max = getattr(getattr(model, "config", None), "max_seq_len", None)
         if max_length is not None and model_max is not None and max_length > model_max:
             raise ValueError(f"max_length={max_length} exceeds the model's max_seq_len={model_max}")
+        from .attention_options import apply_attention_options
+        self.attention_change = apply_attention_options(model, attention_window_size,
+                                                        use_linear_attention_approximation)
         super().__init__(model, config, max_length=max_length,
                          gradient_accumulation_steps=gradient_accumulation_steps, **overrides)
 
@@ -108,7 +105,8 @@ class DistributedReversibleTrainer(Trainer):
 
     def __init__(self, model: nn.Module, sharding_strategy: str = "fsdp",
                  gradient_checkpointing_policy: str = "nothing_saveable", cpu_offload: bool = False,
-                 mixed_precision: bool = False, config: TrainingConfig | None = None, **overrides):
+                 mixed_precision: bool = False, config: TrainingConfig | None = None, *,
+                 sequence_parallel: int = 1, sequence_parallel_mode: str = "all_to_all", **overrides):
         import torch.distributed as dist
         if sharding_strategy not in ("fsdp", "ddp"):
             raise ValueError(f"sharding_strategy must be 'fsdp' or 'ddp', got {sharding_strategy!r}")
@@ -141,7 +139,25 @@ class DistributedReversibleTrainer(Trainer):
         self.mixed_precision = mixed_precision
         self._dist = dist
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.sequence_parallel = self._split_sequences(model, sequence_parallel, sequence_parallel_mode)
         super().__init__(model, config, **overrides)
+
+    def _split_sequences(self, model: nn.Module, n: int, mode: str):
+        """Groups of ``n`` consecutive ranks share each sequence (``revnet_zero.distributed``)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1 or self.world_size % n:
+            raise ValueError(f"sequence_parallel must be a positive int dividing the world size "
+                             f"{self.world_size}, got {n!r}")
+        if n == 1:
+            return None
+        from ..distributed import enable_sequence_parallel
+        groups = [self._dist.new_group(list(range(g, g + n))) for g in range(0, self.world_size, n)]
+        return enable_sequence_parallel(model, groups[self.rank // n] if len(groups) > 1 else None, mode)
+
+    @property
+    def data_parallel(self) -> tuple[int, int]:
+        """(index, count) of this rank's data shard: ranks that split one sequence read the same batches."""
+        n = self.sequence_parallel.size if self.sequence_parallel is not None else 1
+        return self.rank // n, self.world_size // n
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.sharding_strategy == "ddp":
@@ -221,19 +237,18 @@ class DistributedReversibleTrainer(Trainer):
             start += len(g["params"])
         return {"state": {index[name]: s for name, s in full["state"].items()}, "param_groups": groups}
 
-    def load(self, path) -> None:
+    def load(self, path, allow_config_changes=()) -> None:
         if self.sharding_strategy != "fsdp":
-            return super().load(path)  # DDP: every rank reads the files (full copies)
+            return super().load(path, allow_config_changes)  # DDP: every rank reads the files (full copies)
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
-        from .checkpoint import STATE, WEIGHTS, check_weights, load_state, read_weights, resolve_checkpoint
+        from .checkpoint import read_checkpoint
+        from .trainer import check_state
         weights, optim, message = {}, None, [None]
         if self.is_main:
             try:
-                path = resolve_checkpoint(path)
-                weights, _ = read_weights(path / WEIGHTS)
-                check_weights(weights, self.module.state_dict(), path / WEIGHTS)
-                state = load_state(path / STATE)
+                weights, state = read_checkpoint(path, self.module, allow_config_changes)
+                check_state(state)
                 optim = state["optimizer"]
                 # the optimizer's tensors go by set_optimizer_state_dict's broadcast; the rest as objects
                 full = optim is not None and bool(optim["state"])
