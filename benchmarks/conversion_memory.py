@@ -55,7 +55,8 @@ class LossOf(nn.Module):
 
 
 def build(shape: str, layers: int, seq: int, mode: str, gamma0: float, device: torch.device,
-          mlp_chunk: int | None = None, offload: bool = False, resident: int | None = None) -> nn.Module:
+          mlp_chunk: int | None = None, offload: bool = False, resident: int | None = None,
+          grid_step: str = "auto") -> nn.Module:
     """``resident``: build that many layers and run the first ``layers`` of them; the others stay on the
     GPU, unused, so the measured peak holds a full-depth model's weights (for runs where fewer layers
     stand in for the full depth, valid when memory does not grow with depth: BDIA with ``offload``)."""
@@ -77,7 +78,7 @@ def build(shape: str, layers: int, seq: int, mode: str, gamma0: float, device: t
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif mode == "bdia":
         model = convert_to_reversible(model, gamma0=gamma0, inplace=True, verbose=False, mlp_chunk_size=mlp_chunk,
-                                      offload=offload)
+                                      offload=offload, grid_step=grid_step)
     if shape == "8b":
         import peft
         lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -104,8 +105,10 @@ def main(argv=None) -> None:
     p.add_argument("--offload", action="store_true", help="bdia: grid tensors and kept bits in host memory")
     p.add_argument("--resident-layers", type=int, default=None,
                    help="build this many layers, run --layers of them, keep the rest's weights on the GPU")
-    p.add_argument("--eager-grid", action="store_true", help="bdia: the eager grid step (grid.FUSE = False; "
-                   "the compiled one is the CUDA default)")
+    p.add_argument("--grid-step", default="auto", choices=("auto", "compiled", "eager", "triton"),
+                   help="bdia: how the update and grid step run (convert_to_reversible's grid_step; 'auto' is "
+                        "the compiled step on CUDA)")
+    p.add_argument("--eager-grid", action="store_true", help="bdia: the eager grid step (--grid-step eager)")
     p.add_argument("--memory-cap-gib", type=float, default=None,
                    help="let PyTorch use at most this much GPU memory (78.4 stands in for an 80 GB H100)")
     p.add_argument("--long-warm-same", action="store_true",
@@ -119,8 +122,7 @@ def main(argv=None) -> None:
     dev = torch.device("cuda")
     cap_memory(dev, a.memory_cap_gib)
     if a.eager_grid:
-        from revnet_zero.conversion import grid
-        grid.FUSE = False
+        a.grid_step = "eager"
     env = environment(dev, a.commit)
     stem = os.path.join(a.out, f"{a.topic or 'conversion_' + a.shape}_{gpu_slug(env['gpu'])}_{env['date']}")
     os.makedirs(a.out, exist_ok=True)
@@ -134,7 +136,8 @@ def main(argv=None) -> None:
                              "error": "out of memory at a shorter length"})
                 continue
             try:
-                model = build(a.shape, layers, seq, mode, a.gamma0, dev, a.mlp_chunk, a.offload, a.resident_layers)
+                model = build(a.shape, layers, seq, mode, a.gamma0, dev, a.mlp_chunk, a.offload, a.resident_layers,
+                              a.grid_step)
             except Exception as e:  # noqa: BLE001 - recorded in the row
                 rows.append({**env, "mode": mode, "seq": seq, "layers": layers, "status": "error",
                              "error": f"{type(e).__name__}: {e}"[:300]})
@@ -150,7 +153,7 @@ def main(argv=None) -> None:
                    "gamma0": a.gamma0 if mode == "bdia" else None,
                    "mlp_chunk": a.mlp_chunk if mode == "bdia" else None,
                    "offload": a.offload and mode == "bdia", "resident_layers": a.resident_layers,
-                   "fused_grid": mode == "bdia" and not a.offload and _fused_grid(), **_host_stats()}
+                   "grid_step": _grid_step(model) if mode == "bdia" else None, **_host_stats()}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in env}), flush=True)
             if r.status == "oom":
@@ -167,9 +170,15 @@ def repeats(seq: int) -> int:
     return 5 if seq <= 32768 else 2 if seq < 131072 else 1
 
 
-def _fused_grid() -> bool:
-    from revnet_zero.conversion import grid
-    return grid.FUSE   # False again if compiling failed and the step fell back to eager
+def _grid_step(model: nn.Module) -> str:
+    """The form the model's grid step ran in after its steps ('eager' once a compiled or Triton step fell
+    back), as the CUDA step of a bf16 layer output would choose it; 'eager' with offload."""
+    from revnet_zero.conversion.bdia import BDIALayer
+    layer = next(m for m in model.modules() if isinstance(m, BDIALayer))
+    if layer.offload is not None:
+        return "eager"
+    probe = torch.empty(1, dtype=torch.bfloat16, device="cuda")
+    return layer.grid_step.kind(probe) + (f" (failed: {layer.grid_step.failed})" if layer.grid_step.failed else "")
 
 
 def _host_stats() -> dict:
@@ -195,7 +204,7 @@ def write(stem: str, rows: list[dict], env: dict, a) -> None:
              f"batch 1, fused head+loss in every mode, BDIA gamma0 = {a.gamma0}, BDIA MLP "
              f"{f'tiles of {a.mlp_chunk} positions' if a.mlp_chunk else 'untiled'}"
              f"{', offload (grid tensors and kept bits in pinned host memory)' if a.offload else ''}"
-             f"{', eager grid step' if a.eager_grid or a.offload else ', compiled grid step'}. Step: median of 5 up to 32k "
+             f", grid step {'eager' if a.offload else a.grid_step}. Step: median of 5 up to 32k "
              "tokens, of 2 below 128k, one step from 128k (every step's time is in the JSON)" + (" (after a warm-up step of the same length)." if a.long_warm_same
                                              else " (after a warm-up step of 8192 tokens).")
              + (f" {a.resident_layers} layers' weights on the GPU, {a.layers} of them run." if a.resident_layers
@@ -335,20 +344,20 @@ def main_profile(argv=None) -> None:
     p.add_argument("--seq", type=int, default=8192)
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--gamma0", type=float, default=0.125)
-    p.add_argument("--eager-grid", action="store_true")
+    p.add_argument("--grid-step", default="auto", choices=("auto", "compiled", "eager", "triton"))
+    p.add_argument("--eager-grid", action="store_true", help="--grid-step eager")
     p.add_argument("--sdpa", default="cudnn")
     p.add_argument("--top", type=int, default=25)
     a = p.parse_args(argv)
     dev = torch.device("cuda")
     if a.eager_grid:
-        from revnet_zero.conversion import grid
-        grid.FUSE = False
+        a.grid_step = "eager"
     print(environment(dev))
     for mode in a.modes.split(","):
-        model = build(a.shape, a.layers, a.seq, mode, a.gamma0, dev)
+        model = build(a.shape, a.layers, a.seq, mode, a.gamma0, dev, grid_step=a.grid_step)
         ids = random_ids(model.lm.config.vocab_size, 1, a.seq, dev)
         with sdpa_context(a.sdpa):
-            report(f"{mode} ({a.shape}, {a.layers} layers, seq {a.seq}{', eager grid' if a.eager_grid else ''})",
+            report(f"{mode} ({a.shape}, {a.layers} layers, seq {a.seq}, grid step {a.grid_step})",
                    lambda: train_step(model, ids, torch.bfloat16), a.top)
         del model
         free_memory(dev)

@@ -228,8 +228,9 @@ def _reverse_steps(ctx, d: list[Tensor], d_owned: list[bool], alias: dict):
                     h = fn(xin, **kwargs)
                 with torch.no_grad():
                     hd, dy = h.detach(), d[dst][t]
-                    x = c.separate(s[dst][t], hd, inplace=True)
-                    dx, dh = c.combine_vjp(x, hd, dy)
+                    # kernels call site: the rebuild (in place) and its vjp, one pass where the coupling
+                    # has a kernel for it (revnet_zero.kernels.TritonAffineCoupling)
+                    x, dx, dh = c.separate_vjp(s[dst][t], hd, dy)
                     if dx is not dy:
                         _writable(d, d_owned, dst)
                         d[dst][t].copy_(dx)

@@ -1,6 +1,14 @@
 """Shared fixtures."""
+import os
+
 import pytest
 import torch
+
+# Triton's CPU interpreter, for the CPU tests of revnet_zero.kernels, must be on before Triton is first
+# imported: Triton's own library functions (tl.sum, tl.max, ...) are made compiled or interpreted at that
+# import, and test modules that import transformers import Triton. Only without a GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -30,6 +30,8 @@ from transformers import (GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig,  
 from revnet_zero.conversion import (bdia_reference, convert_from_reversible,  # noqa: E402
                                     convert_to_reversible)
 from revnet_zero.conversion import bdia as bdia_module  # noqa: E402
+from revnet_zero.conversion import offload as offload_module  # noqa: E402
+from revnet_zero.conversion import peft_compat  # noqa: E402
 from revnet_zero.conversion.grid import (from_grid, gamma_step, gamma_unstep, pack_bits, residual_update, to_grid,  # noqa: E402
                                          unpack_bits)
 
@@ -324,17 +326,17 @@ def test_bdia_on_cuda(name, autocast, monkeypatch):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
-def test_compiled_update_step_is_the_eager_one(device, monkeypatch):
+def test_compiled_update_step_is_the_eager_one(device):
     """The compiled BDIA update + grid step (torch.compile; the CUDA default, compiled for the CPU's
     back end too) gives the eager bits, forward (X_next, packed bits, max |b|, the float output, which
     is eager from_grid in both since inductor on CUDA rounds int64 to bf16 otherwise in ~1 element in 2^17) and
     backward (X_prev rebuilt exactly), for m = 1..3, bf16 and fp32, one sign for the batch (γ a float,
     either sign) or one per sample (γ a tensor), and a size whose bits do not fill whole bytes. Many
-    graphs in one process: one lambda closing over m used to make m symbolic at its second value (which
+    graphs in one GridStep: one lambda closing over m used to make m symbolic at its second value (which
     torch 2.11 on the GPU failed to trace) and to pass Dynamo's recompile limit of 8; each (step, m) now
     has its own function. A fallback to eager warns, which fails this test."""
     from revnet_zero.conversion import grid
-    monkeypatch.setattr(grid, "FUSE_DEVICES", ("cuda", "cpu"))
+    compiled = grid.GridStep("compiled", devices=("cuda", "cpu"))
     g = torch.Generator().manual_seed(0)
     for m in (1, 2, 3):
         for dtype in (torch.bfloat16, torch.float32):
@@ -346,46 +348,97 @@ def test_compiled_update_step_is_the_eager_one(device, monkeypatch):
                 x = (torch.randn(2, S, D, generator=g) * 5).to(device, dtype)
                 X_prev = torch.randint(-2 ** 40, 2 ** 40, (2, S, D), generator=g).to(device)
                 runs = []
-                for fuse in (False, True):
-                    monkeypatch.setattr(grid, "FUSE", fuse)
+                for step in (None, compiled):
+                    assert step is None or step.kind(y) == "compiled"
                     with warnings.catch_warnings():
                         warnings.simplefilter("error", RuntimeWarning)
-                        fwd = grid.update_forward(y, x, X_prev.clone(), signs, m)
-                        back = grid.update_backward(y, x, fwd[0].clone(), fwd[1], signs, m)
-                    assert grid.FUSE == fuse
+                        fwd = grid.update_forward(y, x, X_prev.clone(), signs, m, step=step)
+                        back = grid.update_backward(y, x, fwd[0].clone(), fwd[1], signs, m, step=step)
                     runs.append((*fwd, back))
                 names = ("X_next", "packed bits", "max |b|", "float output", "X_prev rebuilt")
                 differ = {n: (e != f).sum().item() for n, e, f in zip(names, *runs) if not torch.equal(e, f)}
                 where = (m, dtype, common)
                 assert not differ, (where, differ)   # elements that differ, per output
                 assert torch.equal(runs[1][-1], X_prev), where
+    assert compiled.failed is None
 
 
 @pytest.mark.parametrize("offload", [False, True])
 def test_bdia_training_with_the_compiled_grid_step_changes_no_bit(monkeypatch, offload):
     """The compiled step inside real training (forward and backward): the same loss and gradients,
     bitwise, as the eager step. With offload the eager steps run (in place, for memory), so nothing
-    is compiled. Compiled for the CPU here; CUDA is where it is meant to run."""
+    is compiled. Compiled for the CPU here (the model's GridStep told to run there); CUDA is where it
+    is meant to run."""
     from revnet_zero.conversion import grid
     torch.manual_seed(0)
     original = LlamaForCausalLM(llama_config(dropout=0.0))
     x = ids()
-    results, calls, run_fused = [], [], grid._run_fused
-    monkeypatch.setattr(grid, "_run_fused", lambda *a: (calls.append(a[0].__name__), run_fused(*a))[1])
-    for fuse in (False, True):
-        monkeypatch.setattr(grid, "FUSE", fuse)
-        monkeypatch.setattr(grid, "FUSE_DEVICES", ("cuda", "cpu"))
-        converted = convert_to_reversible(original, verbose=False, offload=offload)
+    results, calls, run = [], [], grid.GridStep.run
+    monkeypatch.setattr(grid.GridStep, "run", lambda self, kind, fn, *a: (calls.append(fn.__name__),
+                                                                            run(self, kind, fn, *a))[1])
+    for mode in ("eager", "compiled"):
+        converted = convert_to_reversible(original, verbose=False, offload=offload, grid_step=mode)
+        steps = {id(m.grid_step): m.grid_step for m in converted.modules() if isinstance(m, bdia_module.BDIALayer)}
+        assert len(steps) == 1   # one per model, shared by its layers
+        step = next(iter(steps.values()))
+        assert step.mode == mode and converted.reversible_report.grid_step == mode
+        step.devices = ("cuda", "cpu")
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)   # a fallback to eager fails the test
             results.append(train_step(converted, x))
-        assert grid.FUSE == fuse
+        assert step.failed is None
     (loss, grads), (fused_loss, fused_grads) = results
     layers = llama_config().num_hidden_layers   # the first layer of a run has no grid step
     expected = [] if offload else ["_update_forward", "_update_backward"] * (layers - 1)
     assert sorted(calls) == sorted(expected), calls
     assert torch.equal(loss, fused_loss)
     assert all(torch.equal(grads[n], fused_grads[n]) for n in grads)
+
+
+def test_a_failed_grid_step_falls_back_for_that_model_only(monkeypatch):
+    """A compile failure warns once and turns that model's step eager (same bits); another converted
+    model keeps its own choice: no process-wide switch."""
+    torch.manual_seed(0)
+    original = LlamaForCausalLM(llama_config(dropout=0.0))
+    x = ids()
+    broken, healthy = (convert_to_reversible(original, verbose=False, grid_step="compiled") for _ in range(2))
+    step_of = lambda model: next(m.grid_step for m in model.modules() if isinstance(m, bdia_module.BDIALayer))  # noqa: E731
+    for model in (broken, healthy):
+        step_of(model).devices = ("cuda", "cpu")
+
+    def refuse(fn, m):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(step_of(broken), "_compiled_fn", refuse)
+    with pytest.warns(RuntimeWarning, match="compiled BDIA grid step failed") as caught:
+        loss, grads = train_step(broken, x)
+    assert len([w for w in caught if "grid step failed" in str(w.message)]) == 1
+    assert "no compiler here" in step_of(broken).failed and step_of(broken).kind(torch.ones(1)) == "eager"
+    assert step_of(healthy).failed is None and step_of(healthy).kind(torch.ones(1)) == "compiled"
+    ref_loss, ref_grads = train_step(convert_to_reversible(original, verbose=False, grid_step="eager"), x)
+    assert torch.equal(loss, ref_loss) and all(torch.equal(grads[n], ref_grads[n]) for n in grads)
+
+
+def test_a_copied_model_has_its_own_grid_step_and_host_queue():
+    """convert_from_reversible and copy.deepcopy copy a converted model: the copy gets its own GridStep
+    (same choice, no compiled forms carried over) and HostQueue, shared by its own layers only."""
+    model = convert_to_reversible(LlamaForCausalLM(llama_config()), verbose=False, offload=True,
+                                  grid_step="compiled")
+    copied = copy.deepcopy(model)
+    parts = lambda m: [(layer.grid_step, layer.offload) for layer in m.modules()  # noqa: E731
+                       if isinstance(layer, bdia_module.BDIALayer)]
+    (step, queue), *rest = parts(model)
+    (cstep, cqueue), *crest = parts(copied)
+    assert all(s is step and q is queue for s, q in rest) and all(s is cstep and q is cqueue for s, q in crest)
+    assert cstep is not step and cqueue is not queue and cstep.mode == "compiled"
+
+
+def test_grid_step_option_is_checked():
+    model = LlamaForCausalLM(llama_config())
+    with pytest.raises(ValueError, match="grid_step must be one of .*got 'fast'"):
+        convert_to_reversible(model, verbose=False, grid_step="fast")
+    with pytest.raises(ValueError, match="coupling='additive' has none"):
+        convert_to_reversible(model, "additive", verbose=False, grid_step="eager")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
@@ -637,7 +690,7 @@ def test_lora_adapters_share_their_input_under_autocast(monkeypatch):
 
     monkeypatch.setattr(bdia_module, "_pack", pack)
     loss, grads, shared = step()
-    monkeypatch.setattr(bdia_module, "_adapter_input_casts_off", lambda layer, device_type: contextlib.nullcontext())
+    monkeypatch.setattr(peft_compat, "adapter_input_casts_off", lambda layer, device_type: contextlib.nullcontext())
     loss_cast, grads_cast, copies = step()
     assert torch.equal(loss, loss_cast) and all(torch.equal(grads[n], grads_cast[n]) for n in grads)
     B, S = x.shape
@@ -684,12 +737,12 @@ def test_offload_parks_each_grid_tensor_once_per_layer(monkeypatch):
                                       offload=True)
     parked = []
 
-    class Recording(bdia_module._Parked):
-        def __init__(self, t, keep=False):
+    class Recording(offload_module.Parked):
+        def __init__(self, t, queue, keep=False):
             parked.append((t.dtype, keep))
-            super().__init__(t, keep)
+            super().__init__(t, queue, keep)
 
-    monkeypatch.setattr(bdia_module, "_Parked", Recording)
+    monkeypatch.setattr(offload_module, "Parked", Recording)
     train_step(converted, ids())
     forward = [(torch.int64, False)] * 5 + [(torch.uint8, False)] * 3   # X_0..X_4, bits of layers 1..3
     backward = [(torch.float32, False), (torch.int64, True)] * 3       # b_3, X_2, b_2, X_1, b_1, X_0
@@ -706,16 +759,16 @@ def test_offload_holds_at_most_the_pair_the_bits_and_one_layer_output_in_host_me
                                       offload=True)
     live = {"now": 0, "peak": 0}
 
-    class Counted(bdia_module._Parked):
-        def __init__(self, t, keep=False):
-            super().__init__(t, keep)
+    class Counted(offload_module.Parked):
+        def __init__(self, t, queue, keep=False):
+            super().__init__(t, queue, keep)
             self.host = t.clone()   # a storage of its own, as a host copy has
             n = t.numel() * t.element_size()
             live["now"] += n
             live["peak"] = max(live["peak"], live["now"])
             weakref.finalize(self, lambda: live.__setitem__("now", live["now"] - n))
 
-    monkeypatch.setattr(bdia_module, "_Parked", Counted)
+    monkeypatch.setattr(offload_module, "Parked", Counted)
     train_step(converted, ids(B, S))
     X, bits, b = B * S * D * 8, -(-B * S * D // 8) * m, B * S * D * 4
     assert live["now"] == 0
@@ -732,13 +785,13 @@ def test_offload_leaves_nothing_per_layer_outside_host_memory_but_the_signs(monk
     B, S = 2, 64
     parked = []
 
-    class Own(bdia_module._Parked):
-        def __init__(self, t, keep=False):
-            super().__init__(t, keep)
+    class Own(offload_module.Parked):
+        def __init__(self, t, queue, keep=False):
+            super().__init__(t, queue, keep)
             self.host = t.clone()   # a storage of its own, as a host copy has
             parked.append(weakref.ref(self))
 
-    monkeypatch.setattr(bdia_module, "_Parked", Own)
+    monkeypatch.setattr(offload_module, "Parked", Own)
     outside, inside = {}, {}
     for layers in (2, 5):
         torch.manual_seed(0)
@@ -771,13 +824,13 @@ def test_offload_step_peak_grows_with_depth_by_the_trainable_gradients_alone(mon
     from memory_breakdown import LiveTensors
     from torch.utils._python_dispatch import _disable_current_modes
 
-    class Own(bdia_module._Parked):
-        def __init__(self, t, keep=False):
+    class Own(offload_module.Parked):
+        def __init__(self, t, queue, keep=False):
             with _disable_current_modes():   # the host copy is not counted: what is left is the device's
-                super().__init__(t, keep)
+                super().__init__(t, queue, keep)
                 self.host = t.clone()
 
-    monkeypatch.setattr(bdia_module, "_Parked", Own)
+    monkeypatch.setattr(offload_module, "Parked", Own)
     S, peaks, grads = 2048, {}, {}   # per token terms (the bits: 96 KiB a layer) outweigh LoRA gradients (22 KiB)
     for layers in (3, 6):
         torch.manual_seed(0)
@@ -806,18 +859,18 @@ def test_host_copies_split_into_power_of_two_chunks(monkeypatch):
     split into power-of-two chunks and one remainder below ``PIN_CHUNK_MIN``, so it pins at most its
     size plus that; the chunks copy back to the same bits."""
     for numel, size in ((5 * 2 ** 29, 8), (655360 * 4096, 8), (3 * 2 ** 20 + 7, 2), (100, 1), (2 ** 33, 8)):
-        chunks = bdia_module.host_chunk_sizes(numel, size)
+        chunks = offload_module.host_chunk_sizes(numel, size)
         assert sum(chunks) == numel
         *powers, last = chunks
-        assert all(n & (n - 1) == 0 and n * size >= bdia_module.PIN_CHUNK_MIN for n in powers), chunks
+        assert all(n & (n - 1) == 0 and n * size >= offload_module.PIN_CHUNK_MIN for n in powers), chunks
         pinned = sum(1 << (n * size - 1).bit_length() for n in chunks)   # what the allocator takes
-        assert pinned <= numel * size + bdia_module.PIN_CHUNK_MIN, (numel, chunks)
-    assert bdia_module.host_chunk_sizes(655360 * 4096, 8) == [2 ** 31, 2 ** 29]   # 16 + 4 GiB, not 32
-    monkeypatch.setattr(bdia_module, "PIN_CHUNK_MIN", 64)   # several chunks for a small tensor
+        assert pinned <= numel * size + offload_module.PIN_CHUNK_MIN, (numel, chunks)
+    assert offload_module.host_chunk_sizes(655360 * 4096, 8) == [2 ** 31, 2 ** 29]   # 16 + 4 GiB, not 32
+    monkeypatch.setattr(offload_module, "PIN_CHUNK_MIN", 64)   # several chunks for a small tensor
     t = torch.randint(-2 ** 40, 2 ** 40, (3, 19, 13))
-    chunks = bdia_module._to_host(t, pin=False)
-    assert [c.numel() for c in chunks] == bdia_module.host_chunk_sizes(t.numel(), 8) and len(chunks) > 2
-    assert torch.equal(bdia_module._from_host(chunks, t.shape, t.device), t)
+    chunks = offload_module.to_host(t, pin=False)
+    assert [c.numel() for c in chunks] == offload_module.host_chunk_sizes(t.numel(), 8) and len(chunks) > 2
+    assert torch.equal(offload_module.from_host(chunks, t.shape, t.device), t)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned memory, streams)")
@@ -825,9 +878,9 @@ def test_cuda_parked_tensor_pins_its_size_not_the_next_power_of_two():
     t = torch.randint(-2 ** 40, 2 ** 40, (5, 2 ** 22), device="cuda")   # 160 MiB: 256 MiB if pinned whole
     stats = torch.cuda.host_memory_stats
     before = stats()["allocated_bytes.current"]
-    parked = bdia_module._Parked(t)
+    parked = offload_module.Parked(t, offload_module.HostQueue())
     pinned = stats()["allocated_bytes.current"] - before
-    assert t.numel() * 8 <= pinned <= t.numel() * 8 + bdia_module.PIN_CHUNK_MIN, pinned
+    assert t.numel() * 8 <= pinned <= t.numel() * 8 + offload_module.PIN_CHUNK_MIN, pinned
     assert torch.equal(parked.take(), t)
 
 

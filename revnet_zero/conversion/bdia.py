@@ -21,16 +21,16 @@ passed straight through). ``reference.py`` computes the same function with plain
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..engine import (_autocast, _autocast_state, _keep_graph, _leaf_aliases, _restored_rng, _rng_state,
                       root_edge)
-from ..ops.kept_attention import _side_stream
-from .grid import Signs, abs_max, check_range, from_grid, gammas, to_grid, update_backward, update_forward
+from . import peft_compat
+from .grid import (GridStep, Signs, abs_max, check_range, from_grid, gammas, to_grid, update_backward,
+                   update_forward)
+from .offload import HostQueue, park, take
 from .recorded import LayerCall
 from .wrapping import WrappedLayer, _Stack, layer_arguments
 
@@ -74,98 +74,8 @@ def _run_layer(call, x: Tensor) -> tuple[Tensor, Tensor]:
         return xg, y
 
 
-PIN_CHUNK_MIN = 64 * 2 ** 20   # bytes: host copies are pinned in power-of-two chunks down to this size
-
-
-def host_chunk_sizes(numel: int, element_size: int) -> list[int]:
-    """Element counts of the pinned chunks a host copy of ``numel`` elements is split into.
-
-    PyTorch's pinned-memory allocator rounds every block up to a power of two bytes (it indexes its
-    free lists by that), so one 20 GiB grid tensor (655,360 tokens of a d=4096 model) would pin 32 GiB.
-    Split into the binary digits of its size down to ``PIN_CHUNK_MIN`` bytes, plus one remainder
-    smaller than that, a copy pins at most its own size plus ``PIN_CHUNK_MIN``; copies of equal size
-    split alike, so the allocator reuses their blocks from step to step."""
-    unit = max(1, PIN_CHUNK_MIN // element_size)   # a power of two: element sizes are 1, 2, 4 or 8
-    whole, rest = numel - numel % unit, numel % unit
-    sizes = [1 << bit for bit in reversed(range(whole.bit_length())) if whole >> bit & 1]
-    return sizes + ([rest] if rest else [])
-
-
-def _to_host(src: Tensor, pin: bool) -> list[Tensor]:
-    """``src`` (any shape) copied into host chunks (``host_chunk_sizes``), non-blocking from CUDA."""
-    flat, chunks, at = src.reshape(-1), [], 0
-    for n in host_chunk_sizes(flat.numel(), flat.element_size()):
-        chunks.append(torch.empty(n, dtype=src.dtype, pin_memory=pin).copy_(flat[at:at + n], non_blocking=True))
-        at += n
-    return chunks
-
-
-def _from_host(chunks: list[Tensor], shape: torch.Size, device: torch.device) -> Tensor:
-    """A fresh ``device`` tensor of ``shape`` from the chunks of ``_to_host`` (non-blocking copies)."""
-    out = torch.empty(shape, dtype=chunks[0].dtype, device=device)
-    flat, at = out.view(-1), 0
-    for c in chunks:
-        flat[at:at + c.numel()].copy_(c, non_blocking=True)
-        at += c.numel()
-    return out
-
-
-_IN_FLIGHT: list = []   # the ready event of the last copy to host memory, if one was made
-
-
-class _Parked:
-    """A grid tensor kept in pinned host memory between its uses (``offload=True``).
-
-    The device-to-host copy runs on a side stream, overlapping the layer's own kernels; the device
-    memory is released once that copy is done (``keep=False``) or held for one ``take`` (``keep=True``:
-    the next layer needs it at once). ``take`` returns a device tensor the caller may overwrite: the
-    held one, or a fresh host-to-device copy. The host copy is pinned in chunks (``host_chunk_sizes``).
-    On the CPU the tensor is kept as is and ``take`` clones it, so the bookkeeping is the same (and
-    testable) without a GPU.
-
-    A new copy first waits (on the host) for the one before it to finish. Without that the host runs
-    ahead of the GPU by as many layers as it can queue, and every layer it is ahead holds a pinned
-    block (reused only once the copies using it are done): at 256k tokens of a d=4096 model the pinned
-    peak grew 9.4 GiB a layer (26.4 GiB for 2 layers, 45.1 for 4; with the wait 26.4 and 27.1, the
-    two more layers' bits; H200). The host stays at most one copy ahead, which at the lengths offload is
-    for (a layer takes seconds) costs the GPU nothing."""
-
-    def __init__(self, t: Tensor, keep: bool = False):
-        self.dev, self.device, self.ready, self.shape = (t if keep else None), t.device, None, t.shape
-        if not t.is_cuda:
-            self.host = t
-            return
-        if _IN_FLIGHT:
-            _IN_FLIGHT.pop().synchronize()
-        side = _side_stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.host = _to_host(t, pin=True)
-            self.ready = torch.cuda.Event()
-            self.ready.record(side)
-        _IN_FLIGHT.append(self.ready)
-        t.record_stream(side)  # t's memory is not reused before the copy has read it
-
-    def take(self) -> Tensor:
-        if self.dev is not None:
-            t, self.dev = self.dev, None
-            return t
-        if self.ready is None:
-            return self.host.clone()
-        torch.cuda.current_stream().wait_event(self.ready)
-        return _from_host(self.host, self.shape, self.device)
-
-
-def _park(t: Tensor, offload: bool, keep: bool = False):
-    return _Parked(t, keep) if offload else t
-
-
-def _take(t):
-    return t.take() if isinstance(t, _Parked) else t
-
-
-class _Tape:
-    """The grid pair ``(X_{k+1}, X_k)`` of one run (with ``offload``, ``_Parked`` ones); ``pos`` is the layer
+class _GridPair:
+    """The grid pair ``(X_{k+1}, X_k)`` of one run (with offload, ``Parked`` ones); ``pos`` is the layer
     ``k``. ``peak``: the largest |x| put on the grid so far in the forward, checked once at the run's end
     (not a host sync per layer)."""
 
@@ -178,15 +88,17 @@ class _Tape:
 class _BDIAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layer, call, tape, slot, x_prev, x, *params):
-        index, starts, ends, signs, m, offload = slot
+        index, starts, ends, signs, m, queue, step = slot
+        offload = queue is not None
         ctx.layer, ctx.call, ctx.tape, ctx.params = layer, call, tape, params
         ctx.index, ctx.starts, ctx.ends, ctx.m, ctx.dtype = index, starts, ends, m, x.dtype
-        ctx.device, ctx.autocast, ctx.offload = x.device, _autocast_state(x.device.type), offload
+        ctx.step = step
+        ctx.device, ctx.autocast, ctx.offload, ctx.queue = x.device, _autocast_state(x.device.type), offload, queue
         if starts:
             tape.peak = abs_max(x.detach())
             X_cur = to_grid(x)
             x = from_grid(X_cur, x.dtype)  # x_0 on the grid
-            X_cur = _park(X_cur, offload)  # not needed again before the next layer's step
+            X_cur = park(X_cur, queue)  # not needed again before the next layer's step
         else:
             X_cur, X_prev = tape.pair  # x is from_grid(X_cur): the previous layer returned it
             tape.pair = None           # X_prev is ours alone now: freed as soon as it is used
@@ -202,12 +114,12 @@ class _BDIAFunction(torch.autograd.Function):
             # Eagerly it is fetched only once the update is on the grid, so its copy and to_grid's
             # temporaries do not coexist (and with offload the eager step runs in place). The layer's
             # output goes in unnamed, so the eager update can free it once it has made b.
-            X_next, packed, peak, out = update_forward(_run_layer(call, x)[1].detach(), x, lambda: _take(X_prev),
-                                                       signs, m, fuse=not offload)
+            X_next, packed, peak, out = update_forward(_run_layer(call, x)[1].detach(), x, lambda: take(X_prev),
+                                                       signs, m, step=None if offload else step)
             del X_prev
-            saved = [signs.dev, _park(packed, offload)]
+            saved = [signs.dev, park(packed, queue)]
             ctx.common = signs.common
-        X_next = _park(X_next, offload)
+        X_next = park(X_next, queue)
         tape.peak = torch.maximum(tape.peak, peak)
         tape.pair, tape.pos = (X_next, X_cur), index
         if ends:  # the run's outputs: kept for its backward, which starts here
@@ -234,7 +146,7 @@ class _BDIAFunction(torch.autograd.Function):
             raise RuntimeError(f"BDIA backward reached layer {ctx.index} while the tape holds the outputs of layer "
                                f"{tape.pos}: the backward must run from the run's outputs through every layer")
         X_next, X_cur = tape.pair
-        x = from_grid(_take(X_cur), ctx.dtype)   # with offload the host copy stays in X_cur for the next pair
+        x = from_grid(take(X_cur), ctx.dtype)   # with offload the host copy stays in X_cur for the next pair
         signs = None if ctx.starts else Signs(saved[0], ctx.common)
         gamma = None if ctx.starts else gammas(signs, ctx.m, x)
         needed = [p for p, need in zip(ctx.params, ctx.needs_input_grad[6:]) if need]
@@ -243,7 +155,7 @@ class _BDIAFunction(torch.autograd.Function):
             xg, y = _run_layer(ctx.call, x)
         leaves = [alias[id(p)] for p in needed]
         # the graph keeps what it needs; y's values wait in yd (with offload, in host memory) for the step
-        yd, edge = _park(y.detach(), ctx.offload and not ctx.starts), root_edge(y, dout.dtype)
+        yd, edge = park(y.detach(), None if ctx.starts else ctx.queue), root_edge(y, dout.dtype)
         del y
         # the update b = (1+γ)·y - 2γ·x is linear: dout·(1+γ) flows to y, through the layer
         g = gamma if gamma is None or isinstance(gamma, float) else gamma.to(dout.dtype)
@@ -262,12 +174,12 @@ class _BDIAFunction(torch.autograd.Function):
         dx = dx.add_(dout, alpha=-2 * g) if isinstance(g, float) else dx.addcmul_(dout, g, value=-2)
         with torch.no_grad():
             # with offload, X_next is a fresh copy from host memory: X_prev may overwrite it
-            X_prev = update_backward(_take(yd), x, _take(X_next), _take(saved[1]), signs, ctx.m,
-                                     overwrite=ctx.offload)
+            X_prev = update_backward(take(yd), x, take(X_next), take(saved[1]), signs, ctx.m,
+                                     overwrite=ctx.offload, step=ctx.step)
             del yd, X_next, saved   # X_next's host copy too, before X_prev's is made
             tape.pair = None
         # the previous layer turns X_prev into its input at once: with offload its device copy is held for that
-        tape.pair, tape.pos = (X_cur, _park(X_prev, ctx.offload, keep=True)), ctx.index - 1
+        tape.pair, tape.pos = (X_cur, park(X_prev, ctx.queue, keep=True)), ctx.index - 1
         return (None, None, None, None, dout * g, dx, *pgrads)
 
 
@@ -276,13 +188,15 @@ class BDIALayer(WrappedLayer):
 
     Eval or ``torch.no_grad()``: the layer itself, exactly. Training with grad: the BDIA update
     with fresh signs ``γ = ±gamma0`` per sample, keeping only the ``m`` lost bits per element.
-    ``offload``: the grid tensors and the kept bits wait in pinned host memory between their uses.
+    ``offload``: the model's ``HostQueue``, through which the grid tensors and the kept bits wait in
+    pinned host memory between their uses (None: they stay on the device). ``grid_step``: the model's
+    ``GridStep`` (how the update and grid step run; None: eagerly). Both are shared by the model's layers.
     """
 
     def __init__(self, layer: nn.Module, index: int, stack: _Stack, starts: bool, ends: bool, m: int,
-                 offload: bool = False):
+                 offload: HostQueue | None = None, grid_step: GridStep | None = None):
         super().__init__(index, stack, starts, ends)
-        self.layer, self.m, self.offload = layer, m, offload
+        self.layer, self.m, self.offload, self.grid_step = layer, m, offload, grid_step
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):
         if not (self.training and torch.is_grad_enabled()):
@@ -291,10 +205,10 @@ class BDIALayer(WrappedLayer):
         args, kwargs = layer_arguments(self.layer, args, kwargs, training=True)
         run = self._enter(hidden_states)
         if self.starts:
-            run.tape = _Tape()
+            run.tape = _GridPair()
         signs = None if self.starts else draw_signs(hidden_states.shape[0], hidden_states.device)
         params = [p for p in self.layer.parameters() if p.requires_grad]
-        slot = (self.index, self.starts, self.ends, signs, self.m, self.offload)
+        slot = (self.index, self.starts, self.ends, signs, self.m, self.offload, self.grid_step)
         call = _Call(self.layer, args, kwargs)
         out = _BDIAFunction.apply(self.layer, call, run.tape, slot, run.prev, hidden_states, *params)
         if not isinstance(out, torch.Tensor):   # the layer's recorded tensors came back too
@@ -305,46 +219,12 @@ class BDIALayer(WrappedLayer):
         return out
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, gamma0=1/{2 ** self.m}" + (", offload" if self.offload else "")
+        return f"{super().extra_repr()}, gamma0=1/{2 ** self.m}" + (", offload" if self.offload is not None else "")
 
 
 class _Call(LayerCall):
     """``layer(x, *args, **kwargs)``: the layer with the arguments the model passed it (``LayerCall``)."""
 
     def __call__(self, x: Tensor) -> Tensor:
-        with _adapter_input_casts_off(self.layer, x.device.type):
+        with peft_compat.adapter_input_casts_off(self.layer, x.device.type):
             return super().__call__(x)
-
-
-def _plain_lora(module: nn.Module) -> bool:
-    """A peft LoRA layer whose active adapters are vanilla (no DoRA or other variant) without dropout."""
-    variants = getattr(module, "lora_variant", None)
-    dropouts = getattr(module, "lora_dropout", None)
-    if not hasattr(module, "cast_input_dtype_enabled") or variants is None or not isinstance(dropouts, nn.ModuleDict):
-        return False
-    active = [a for a in getattr(module, "active_adapters", []) if a in dropouts]
-    return all(a not in variants and (isinstance(dropouts[a], nn.Identity) or
-                                      (isinstance(dropouts[a], nn.Dropout) and dropouts[a].p == 0)) for a in active)
-
-
-@contextlib.contextmanager
-def _adapter_input_casts_off(layer: nn.Module, device_type: str):
-    """Under autocast, skip peft's cast of each LoRA adapter's input to the adapter weights' dtype.
-
-    peft keeps adapters in float32 on a bf16 model and casts the layer input to float32 for each
-    adapter; autocast then casts it straight back to bf16 for the adapter's matmul, which saves that
-    bf16 copy for backward. Both casts are exact round trips, so skipping the first (peft's own switch,
-    ``cast_input_dtype_enabled``) changes no bit, and the adapters save the tensors the layer saves
-    anyway instead of a copy each (q/k/v/o adapters: three copies of ``[S, d]`` fewer, 24 KB per token
-    for Llama-3-8B, held through each layer's backward)."""
-    if not torch.is_autocast_enabled(device_type):
-        yield
-        return
-    mods = [m for m in layer.modules() if m.__dict__.get("cast_input_dtype_enabled") is True and _plain_lora(m)]
-    for m in mods:
-        m.cast_input_dtype_enabled = False
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.cast_input_dtype_enabled = True

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from .bdia import BDIALayer
 from .families import FAMILIES, check_family, family_of
-from .grid import gamma_bits
+from .grid import GRID_STEPS, GridStep, gamma_bits
+from .offload import HostQueue
 from .reference import BDIAReferenceLayer
 from .rmsnorm import lean_rmsnorm, plain_rmsnorm
 from .tiling import check_chunk, tile_mlp, untile_mlp
@@ -42,6 +43,7 @@ class ConversionReport:
     lean_norms: int = 0                # RMSNorm modules given the lean backward (rmsnorm.py)
     offload: bool = False              # bdia: grid tensors and kept bits in pinned host memory
     family: str | None = None          # config.model_type (a key of conversion.families.FAMILIES if tested)
+    grid_step: str = "auto"            # bdia: how the update and grid step run (GridStep's mode)
 
     def __str__(self) -> str:
         tested = "" if self.family in FAMILIES else " (not a tested family)"
@@ -156,7 +158,7 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
                           gamma0: float = 0.5, scale: float = 0.5, probe: Tensor | None = None,
                           inplace: bool = False, verbose: bool = True,
                           mlp_chunk_size: int | None = None, offload: bool = False,
-                          untested: bool = False) -> nn.Module:
+                          untested: bool = False, grid_step: str = "auto") -> nn.Module:
     """A Hugging Face decoder model whose training keeps no per-layer activations.
 
     Supported: the families of ``revnet_zero.conversion.families.FAMILIES`` (GPT-2, Llama, Mistral,
@@ -195,6 +197,13 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
     ``untested``: convert a model of no tested family anyway (its layers must still have the pre-norm
     residual form; the report says it is untested).
 
+    ``grid_step`` ('bdia' only): how the update and fixed-point step between layers run, all with the
+    same bits: ``'eager'`` (PyTorch ops), ``'compiled'`` (torch.compile, on CUDA), ``'triton'`` (the
+    one-pass kernels of ``revnet_zero.kernels``, on CUDA; needs ``pip install revnet-zero[triton]``) or
+    ``'auto'`` (compiled on CUDA, else eager). Offload runs the eager step (in place). A step that fails
+    to compile or launch warns once and this model runs it eagerly from then on
+    (``revnet_zero.conversion.grid.GridStep``).
+
     The gap is measured in eval on ``probe`` (default: 32 random tokens) against the unconverted
     model; the report is printed (``verbose``) and kept as ``model.reversible_report``.
     The model is copied unless ``inplace=True``.
@@ -218,6 +227,10 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
     if offload and coupling != "bdia":
         raise ValueError(f"offload=True keeps BDIA's grid tensors in host memory; coupling={coupling!r} has none "
                          "(use coupling='bdia')")
+    if grid_step not in GRID_STEPS:
+        raise ValueError(f"grid_step must be one of {GRID_STEPS}, got {grid_step!r}")
+    if grid_step != "auto" and coupling != "bdia":
+        raise ValueError(f"grid_step={grid_step!r} chooses how BDIA's grid step runs; coupling={coupling!r} has none")
     if mlp_chunk_size is not None:
         check_chunk(mlp_chunk_size)
     if coupling == "affine" and not 0 < scale < 1:
@@ -235,8 +248,10 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
     if not inplace:
         model = copy.deepcopy(model)
     if coupling == "bdia":
+        queue, step = (HostQueue() if offload else None), GridStep(grid_step)   # one each per model
+
         def make(layer, i, stack, starts, ends, pos):
-            return BDIALayer(layer, i, stack, starts, ends, m, offload)
+            return BDIALayer(layer, i, stack, starts, ends, m, queue, step)
         setting = f"gamma0=1/{2 ** m}"
     else:
         def make(layer, i, stack, starts, ends, pos):
@@ -250,7 +265,8 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
                               compared=f"{compared}, probe {tuple(probe.shape)}",
                               gap_max_abs=diff.abs().max().item(),
                               gap_rel=(diff.norm() / reference.double().norm().clamp_min(1e-300)).item(),
-                              mlp_chunk=mlp_chunk_size, lean_norms=lean, offload=offload, family=family)
+                              mlp_chunk=mlp_chunk_size, lean_norms=lean, offload=offload, family=family,
+                              grid_step=grid_step)
     model.reversible_report = report
     model.gradient_checkpointing_enable = types.MethodType(_checkpointing_not_needed, model)  # deepcopy rebinds it
     if verbose:

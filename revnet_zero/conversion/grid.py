@@ -142,23 +142,22 @@ def gamma_unstep(A: Tensor, low: Tensor, signs: Tensor, m: int, inplace: bool = 
     return _apply_signs(X, signs, common).bitwise_left_shift_(m).bitwise_or_(low)
 
 
-# ---- the BDIA update and one step on the grid, fused on CUDA
+# ---- the BDIA update and one step on the grid: eager, compiled or Triton, chosen per model
 #
 # Eagerly a step is the update ``b = (1+γ)·y - 2γ·x`` and some twenty elementwise passes over int64
 # tensors (to_grid, shift, sign, add, pack; and back), which at 8k tokens cost about as much as the
-# layer's own kernels. On CUDA ``update_forward`` / ``update_backward`` compile (torch.compile) the
-# update and the step into a few kernels, by default (``from_grid`` stays eager: see there). They hold only
-# products by powers of two, integer arithmetic, exact float scaling and round-half-even, and compile
-# with eager's rounding of bf16 intermediates (inductor's ``emulate_precision_casts``; a torch without
-# it runs bf16 eagerly), so compiled and eager results are the same bits (tests/test_conversion.py
-# checks it on CUDA and on the CPU back end). Compiling costs some seconds at the first step and again at the first step of a new
-# shape; a failed compile warns and runs eagerly. Not with offload, whose eager steps work in place
-# (memory is what offload is for). ``revnet_zero.conversion.grid.FUSE = False`` turns it off.
+# layer's own kernels. ``GridStep`` (one per converted model, ``convert_to_reversible(grid_step=...)``)
+# runs them compiled (torch.compile: a few kernels) or as the one-pass Triton kernels of
+# ``revnet_zero.kernels``. The compiled step holds only products by powers of two, integer arithmetic,
+# exact float scaling and round-half-even, and compiles with eager's rounding of bf16 intermediates
+# (inductor's ``emulate_precision_casts``; a torch without it runs bf16 eagerly); the kernels round
+# each operation as eager does. So every form gives the eager bits (tests/test_conversion.py and
+# tests/test_kernels.py check it), and a fallback between a step's forward and its backward cannot
+# break the inverse. ``from_grid`` stays eager in all of them (see there). Not with offload, whose
+# eager steps work in place (memory is what offload is for).
 
-FUSE = True
-FUSE_DEVICES = ("cuda",)   # where FUSE applies; tests add "cpu" (inductor's C++ back end) to run it there
-FUSE_DTYPES = (torch.float32, torch.bfloat16)
-_FUSED: dict = {}
+GRID_STEPS = ("auto", "compiled", "eager", "triton")
+STEP_DTYPES = (torch.float32, torch.bfloat16)   # where a compiled or Triton step applies; others run eagerly
 
 
 def abs_max(b: Tensor) -> Tensor:
@@ -213,42 +212,10 @@ _STEPS = {
     (_update_backward, 3): lambda y, x, X, p, s, g: _update_backward(y, x, X, p, s, g, 3),
 }
 
-
-def _fused(fn, m: int):
-    """``fn`` compiled for one ``m`` (automatic dynamic shapes: static first, dynamic once a shape changes),
-    rounding bf16 intermediates as eager does where inductor has that switch."""
-    if (fn, m) not in _FUSED:
-        options = {"emulate_precision_casts": True} if _emulates_precision_casts() else {}
-        _FUSED[fn, m] = torch.compile(_STEPS[fn, m], fullgraph=True, options=options)
-    return _FUSED[fn, m]
-
-
 # Dynamo counts recompiles per code object against a limit (8 by default), and with fullgraph=True
 # the one past it fails instead of running eagerly. Each function above recompiles per dtype and
 # layout (static, then dynamic shapes); this leaves room.
 RECOMPILE_LIMIT = 32
-
-
-def _run_fused(fn, m: int, *args):
-    """The compiled step; if compiling fails, warn once and run eagerly from then on (same bits)."""
-    global FUSE
-    try:
-        with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
-            return _fused(fn, m)(*args)
-    except Exception as e:  # noqa: BLE001 - any compiler failure: the eager step is exact too
-        FUSE = False
-        warnings.warn(f"revnet_zero: compiling the BDIA grid step failed ({type(e).__name__}: {str(e)[:200]}); "
-                      "running it eagerly (same results, slower)", RuntimeWarning, stacklevel=3)
-        return None
-
-
-def _fuse(t: Tensor) -> bool:
-    """Whether the compiled step runs for ``t``: bf16 only where inductor can round its intermediates as
-    eager does (else the compiled and the eager step could differ, and a fallback between a step's
-    forward and its backward would break the inverse)."""
-    if not (FUSE and t.device.type in FUSE_DEVICES and t.dtype in FUSE_DTYPES):
-        return False
-    return t.dtype != torch.bfloat16 or _emulates_precision_casts()
 
 
 def _emulates_precision_casts() -> bool:
@@ -256,16 +223,87 @@ def _emulates_precision_casts() -> bool:
     return hasattr(inductor, "emulate_precision_casts")
 
 
+class GridStep:
+    """How one converted model runs BDIA's update and grid step; every form gives the same bits.
+
+    ``mode``: ``'eager'`` (PyTorch ops), ``'compiled'`` (torch.compile of the same ops), ``'triton'``
+    (the one-pass kernels of ``revnet_zero.kernels``), or ``'auto'``: compiled where it applies, else
+    eager (the Triton kernels are chosen explicitly until a GPU measurement shows them faster).
+    ``devices``: the device types where the compiled or Triton step runs (CUDA; tests add ``'cpu'``:
+    inductor's C++ back end, or Triton's interpreter). A step that fails to compile or launch warns
+    once and this model runs eagerly from then on (``failed`` says why); other models are unaffected.
+
+    Example::
+
+        step = GridStep("eager")
+        X_next, packed, peak, out = update_forward(y, x, X_prev, signs, m=1, step=step)
+    """
+
+    def __init__(self, mode: str = "auto", devices: tuple[str, ...] = ("cuda",)):
+        if mode not in GRID_STEPS:
+            raise ValueError(f"grid_step must be one of {GRID_STEPS}, got {mode!r}")
+        if mode == "triton":
+            from .. import kernels  # noqa: F401 - ImportError with the install hint, now rather than mid-step
+        self.mode, self.devices = mode, tuple(devices)
+        self.failed: str | None = None   # why this model fell back to the eager step, once it has
+        self._compiled: dict = {}        # (function, m) -> its compiled form
+
+    def kind(self, t: Tensor) -> str:
+        """The form that runs for a step on ``t`` (the layer output): 'eager', 'compiled' or 'triton'."""
+        if self.failed or self.mode == "eager" or t.device.type not in self.devices or t.dtype not in STEP_DTYPES:
+            return "eager"
+        if self.mode == "triton":
+            from .. import kernels
+            return "triton" if kernels.runs_on(t) else "eager"
+        # bf16 compiled only where inductor can round its intermediates as eager does
+        return "compiled" if t.dtype != torch.bfloat16 or _emulates_precision_casts() else "eager"
+
+    def _compiled_fn(self, fn, m: int):
+        """``fn`` compiled for one ``m`` (automatic dynamic shapes: static first, dynamic once a shape
+        changes), rounding bf16 intermediates as eager does where inductor has that switch."""
+        if (fn, m) not in self._compiled:
+            options = {"emulate_precision_casts": True} if _emulates_precision_casts() else {}
+            self._compiled[fn, m] = torch.compile(_STEPS[fn, m], fullgraph=True, options=options)
+        return self._compiled[fn, m]
+
+    def run(self, kind: str, fn, m: int, *args):
+        """The compiled or Triton step; if it fails, warn once and return None (the caller runs eagerly,
+        and so does this model from then on: same bits)."""
+        try:
+            if kind == "triton":
+                from .. import kernels
+                step = kernels.bdia_grid_step if fn is _update_forward else kernels.bdia_grid_unstep
+                return step(*args, m)
+            limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+            with torch._dynamo.config.patch(recompile_limit=limit):
+                return self._compiled_fn(fn, m)(*args)
+        except Exception as e:  # noqa: BLE001 - any compiler or launch failure: the eager step is exact too
+            self.failed = f"{type(e).__name__}: {str(e)[:200]}"
+            warnings.warn(f"revnet_zero: the {kind} BDIA grid step failed ({self.failed}); this model runs it "
+                          "eagerly from now on (same results, slower)", RuntimeWarning, stacklevel=3)
+            return None
+
+    def __deepcopy__(self, memo) -> GridStep:
+        copied = GridStep.__new__(GridStep)   # the same choice, its own fallback state and compiled forms
+        copied.mode, copied.devices, copied.failed, copied._compiled = self.mode, self.devices, self.failed, {}
+        return copied
+
+    def __repr__(self) -> str:
+        return f"GridStep({self.mode!r}" + (f", failed: {self.failed}" if self.failed else "") + ")"
+
+
 def update_forward(y: Tensor, x: Tensor, X_prev: Tensor | Callable[[], Tensor], signs: Signs, m: int,
-                   fuse: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   step: GridStep | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One BDIA layer's step forward from the layer's output ``y`` and input ``x``: ``X_next`` (the grid
     value of ``Q[γ·x_prev] + Q[residual_update(y, x, γ)]``), the packed bits it drops, the update's
-    ``max |b|`` and ``from_grid(X_next)``. Compiled where ``FUSE`` applies and ``fuse``, else eagerly
-    (``from_grid`` eagerly in both)."""
+    ``max |b|`` and ``from_grid(X_next)``. In the form ``step`` chooses (None: eagerly); ``from_grid``
+    eagerly in all. ``X_prev`` is given up (the Triton and eager steps overwrite it)."""
     fetch, gamma = (X_prev if callable(X_prev) else (lambda: X_prev)), gammas(signs, m, x)
-    if fuse and _fuse(y):
+    kind = "eager" if step is None else step.kind(y)
+    if kind != "eager":
         X = fetch()
-        out = _run_fused(_update_forward, m, y, x, X, signs.dev, gamma)
+        args = (y, x, X, signs.dev, gamma) if kind == "compiled" else (y, x, X, signs.dev)
+        out = step.run(kind, _update_forward, m, *args)
         if out is not None:
             return *out, from_grid(out[0], x.dtype)   # eagerly (see from_grid)
         fetch = lambda: X  # noqa: E731 - fetched once
@@ -277,12 +315,15 @@ def update_forward(y: Tensor, x: Tensor, X_prev: Tensor | Callable[[], Tensor], 
 
 
 def update_backward(y: Tensor, x: Tensor, X_next: Tensor, packed: Tensor, signs: Signs, m: int,
-                    overwrite: bool = False) -> Tensor:
+                    overwrite: bool = False, step: GridStep | None = None) -> Tensor:
     """``X_prev`` from ``X_next``, the recomputed layer output ``y`` and input ``x``, and the stored bits:
-    exact. Compiled where ``FUSE`` applies, unless ``overwrite`` (``X_prev`` in ``X_next``'s memory, eagerly)."""
+    exact. In the form ``step`` chooses (None: eagerly), eagerly if ``overwrite`` (``X_prev`` in
+    ``X_next``'s memory)."""
     gamma = gammas(signs, m, x)
-    if not overwrite and _fuse(y):
-        out = _run_fused(_update_backward, m, y, x, X_next, packed, signs.dev, gamma)
+    kind = "eager" if step is None or overwrite else step.kind(y)
+    if kind != "eager":
+        args = (y, x, X_next, packed, signs.dev, gamma) if kind == "compiled" else (y, x, X_next, packed, signs.dev)
+        out = step.run(kind, _update_backward, m, *args)
         if out is not None:
             return out
     b = residual_update(y, x, gamma)

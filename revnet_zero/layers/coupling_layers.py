@@ -117,6 +117,12 @@ class StepCoupling(BaseCoupling):
     def combine_vjp(self, x: Tensor, h: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
         """Gradients of ``combine(x, h)`` with respect to ``x`` and ``h`` for output gradient ``dy``."""
 
+    def separate_vjp(self, y: Tensor, h: Tensor, dy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x, dx, dh)``: ``separate`` in ``y``'s memory, then ``combine_vjp``; what the engine's backward
+        runs per step. A subclass may do it in one pass (``revnet_zero.kernels.TritonAffineCoupling``)."""
+        x = self.separate(y, h, inplace=True)
+        return (x, *self.combine_vjp(x, h, dy))
+
 
 class AdditiveCoupling(StepCoupling):
     """``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)`` (RevNet, Reformer). Volume preserving.

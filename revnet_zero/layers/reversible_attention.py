@@ -8,9 +8,9 @@ from torch import Tensor, nn
 from ..engine import ReversibleBlock
 from ..ops import kept_attention
 from ..ops.limits import INT32_MAX_NUMEL, check_int32_numel
-from ..ops.norm import compute_dtype, rms_norm_cast
+from ..ops.norm import compute_dtype
 from .coupling_layers import CouplingType, StepCoupling, make_coupling
-from .rope import apply_rope, rope_cos_sin
+from .rope import norm_rope, rope_cos_sin
 
 
 class KVCache:
@@ -52,6 +52,8 @@ class SelfAttention(nn.Module):
         attn = SelfAttention(d_model=96, num_heads=4, num_kv_heads=2)
         y = attn(torch.randn(2, 11, 96))            # [2, 11, 96]
     """
+
+    kernels = "torch"   # norm and rotary: 'torch', or 'liger' (Liger-Kernel's, on CUDA; layers.rope.norm_rope)
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int | None = None, causal: bool = True,
                  rope_theta: float = 10000.0, attention_dropout: float = 0.0, dropout: float = 0.0,
@@ -121,12 +123,14 @@ class SelfAttention(nn.Module):
         """``x`` ``[B, S, D]`` (positions ``start ..``) -> RoPE'd q ``[B, H, S, hd]``, k and v ``[B, Hkv, S, hd]``."""
         B, S, _ = x.shape
         # one low-precision copy of the normed stream feeds q, k and v (autocast would make three)
-        h = rms_norm_cast(x, self.norm.weight, self.norm.eps, compute_dtype(self.norm.weight))
+        norm, rope = norm_rope(self.kernels)
+        h = norm(x, self.norm.weight, self.norm.eps, compute_dtype(self.norm.weight))
         q = self.wq(h).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)       # (B, H, S, hd)
         k = self.wk(h).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)    # (B, Hkv, S, hd)
         v = self.wv(h).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope_cos_sin(start, S, self.head_dim, self.rope_theta, x.device)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        q, k = rope(q, k, cos, sin)
+        return q, k, v
 
     def new_cache(self, max_len: int) -> KVCache:
         """The decoding cache this attention reads: all keys and values."""

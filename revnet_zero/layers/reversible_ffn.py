@@ -6,8 +6,9 @@ from torch import Tensor, nn
 
 from ..engine import ReversibleBlock
 from ..ops.limits import check_int32_numel
-from ..ops.norm import compute_dtype, rms_norm_cast
+from ..ops.norm import compute_dtype
 from .coupling_layers import CouplingType, StepCoupling, make_coupling
+from .rope import norm_rope
 
 ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "swish": F.silu, "relu": F.relu}
 
@@ -25,6 +26,8 @@ class FeedForward(nn.Module):
         ffn = FeedForward(d_model=96, d_ff=256, activation="silu", gated=True)
         y = ffn(torch.randn(2, 11, 96))             # [2, 11, 96]
     """
+
+    kernels = "torch"   # the norm: 'torch', or 'liger' (Liger-Kernel's, on CUDA; layers.rope.norm_rope)
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "silu", gated: bool = True,
                  dropout: float = 0.0, norm_eps: float = 1e-5, out_multiplier: int = 1,
@@ -45,7 +48,8 @@ class FeedForward(nn.Module):
         B, S, _ = x.shape
         check_int32_numel(B * S * self.w_in.out_features, f"the FFN intermediate [B={B}, S={S}, "
                           f"{self.w_in.out_features}]", "Set ffn_chunk_size (seq_chunk) to tile the sequence.")
-        h = self.w_in(rms_norm_cast(x, self.norm.weight, self.norm.eps, compute_dtype(self.norm.weight)))
+        norm = norm_rope(self.kernels)[0]
+        h = self.w_in(norm(x, self.norm.weight, self.norm.eps, compute_dtype(self.norm.weight)))
         act = ACTIVATIONS[self.activation]
         if self.gated:
             gate, up = h.chunk(2, dim=-1)

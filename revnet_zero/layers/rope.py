@@ -2,8 +2,14 @@
 rotated together with dimension i + head_dim / 2."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+
+from ..ops.norm import rms_norm_cast
+
+KERNELS = ("torch", "liger")   # the values of a layer's ``kernels`` attribute
 
 
 _CACHE: dict = {}
@@ -76,3 +82,18 @@ class _Rope(torch.autograd.Function):
         if ctx.layout is not None:
             out = torch.empty_strided(dy.shape, ctx.layout, dtype=dy.dtype, device=dy.device)
         return _rotate(dy, cos, -sin, out), None, None
+
+
+def _rope_both(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def norm_rope(kernels: str) -> tuple[Callable, Callable]:
+    """``(rms_norm_cast, rope(q, k, cos, sin))`` of a layer's ``kernels``: ``'torch'`` (``ops.norm`` and
+    ``apply_rope`` above) or ``'liger'`` (Liger-Kernel's, ``revnet_zero.kernels.norm_rope``; CUDA)."""
+    if kernels == "torch":
+        return rms_norm_cast, _rope_both
+    if kernels == "liger":
+        from ..kernels import norm_rope as liger
+        return liger.liger_rms_norm_cast, liger.liger_rope
+    raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
