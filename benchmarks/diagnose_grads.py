@@ -1,18 +1,15 @@
 """GPU diagnosis: reversible vs plain-autograd gradients of model S per SDPA back end and dtype.
 
-python3 benchmarks/diagnose_grads.py --layers 4 --seq 8192
+python -m benchmarks.diagnose_grads --layers 4 --seq 8192
 """
 import argparse
 import contextlib
 import dataclasses
-import os
-import sys
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from revnet_zero.models import ReversibleGPT, TransformerConfig  # noqa: E402
+from revnet_zero.models import ReversibleGPT, TransformerConfig
 
 
 def grads(model, ids, policy, amp):

@@ -16,7 +16,6 @@ import copy
 import inspect
 import warnings
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
@@ -727,8 +726,7 @@ def test_offload_leaves_nothing_per_layer_outside_host_memory_but_the_signs(monk
     """With offload, what a training forward leaves alive outside the parked (host) copies grows with
     depth by B signs a layer at most: what lets a few layers stand in for the full depth in the
     longest-context runs (the GPU's own allocator is not modelled here)."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from memory_breakdown import LiveTensors
+    from benchmarks.memory_breakdown import LiveTensors
     B, S = 2, 64
     parked = []
 
@@ -767,8 +765,7 @@ def test_offload_step_peak_grows_with_depth_by_the_trainable_gradients_alone(mon
     gradient, the embeddings being frozen. At 256k tokens of Llama-3-8B that is the 2 GiB the H200
     showed from 2 to 4 layers.)"""
     peft = pytest.importorskip("peft")
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from memory_breakdown import LiveTensors
+    from benchmarks.memory_breakdown import LiveTensors
     from torch.utils._python_dispatch import _disable_current_modes
 
     class Own(bdia_module._Parked):

@@ -1,4 +1,4 @@
-"""What ``benchmarks/run.py`` does once its arguments are parsed (kept here so tests can drive it)."""
+"""What ``revnet_zero.benchmarks.run`` does once its arguments are parsed (kept here so tests can drive it)."""
 from __future__ import annotations
 
 import dataclasses

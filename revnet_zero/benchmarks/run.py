@@ -1,13 +1,14 @@
-"""The benchmark runner (shared/BENCHMARKS.md): modes side by side, SDPA back ends, gradient check,
+"""The benchmark runner (protocol: docs/design.md, "Benchmark protocol"): modes side by side, SDPA back ends, gradient check,
 longest context. Built to live inside a hard 10-minute command: every finished row is written at
 once (JSON and markdown), a mode stops at its first out-of-memory, rows predicted to overrun
 ``--max-seconds`` are skipped (and run by the next call with ``--resume-from``).
 
 Writes ``<topic>_<gpu>_<date>.md`` and ``.json`` (+ ``_memory.png`` and ``_throughput.png`` when a sweep
-ran) into ``--out``; prints the tables last. Examples (see benchmarks/README.md)::
+ran) into ``--out``; prints the tables last. Run as ``python -m revnet_zero.benchmarks.run`` or
+``revnet-zero bench``. Examples (see benchmarks/README.md)::
 
-    python benchmarks/run.py --config S --modes standard,full_ac,revnet_zero --lengths 8192,32768 --out $OUT
-    python benchmarks/run.py --sdpa-backends 32768,131072 --check-grads 8192 --out $OUT
+    python -m revnet_zero.benchmarks.run --config S --modes standard,full_ac,revnet_zero --lengths 8192,32768 --out $OUT
+    python -m revnet_zero.benchmarks.run --sdpa-backends 32768,131072 --check-grads 8192 --out $OUT
 """
 from __future__ import annotations
 
@@ -16,8 +17,7 @@ import os
 import sys
 import time
 
-T0 = time.monotonic()
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+T0 = time.monotonic()   # --max-seconds counts from here
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.alloc_conf and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf  # before CUDA starts
-    from revnet_zero.benchmarks import runner
+    from . import runner
     return runner.main(args, deadline=T0 + args.max_seconds)
 
 
