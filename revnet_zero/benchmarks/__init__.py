@@ -30,5 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark runner with command-line arguments ``argv`` (``None``: ``sys.argv[1:]``) and
     return its exit status: the same as ``python -m revnet_zero.benchmarks.run ARGS``, whose parser this
     uses, so the flags and ``--help`` are the runner's own. ``revnet-zero bench ARGS`` calls this."""
-    from .run import main as run_main   # imported here: ``python -m`` of that module must not find it loaded
+    # imported here: ``python -m revnet_zero.benchmarks.run`` must not find that module already loaded
+    from .run import main as run_main
     return run_main(list(argv) if argv is not None else None)
