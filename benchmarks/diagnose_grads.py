@@ -59,9 +59,9 @@ def main():
                 print(f"  {'perturbed ' + str(eps):16s} plain autograd: max {mx:.2e} med {med:.2e} "
                       + ", ".join(f"{n} {e:.1e}" for n, e in top), flush=True)
                 for policy in ("recompute", "store_attention"):
-                    l, g = grads(model, ids, policy, amp)
+                    loss, g = grads(model, ids, policy, amp)
                     mx, med, top = worst(g, ref)
-                    print(f"  {policy:16s} loss {l:.6f} vs {l0:.6f}: max {mx:.2e} med {med:.2e} "
+                    print(f"  {policy:16s} loss {loss:.6f} vs {l0:.6f}: max {mx:.2e} med {med:.2e} "
                           + ", ".join(f"{n} {e:.1e}" for n, e in top), flush=True)
 
 

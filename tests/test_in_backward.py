@@ -57,7 +57,7 @@ def test_gradients_do_not_pile_up_in_backward():
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
         else:
             opt = OptimizerInBackward(model.parameters(), torch.optim.AdamW, lr=1e-3, foreach=False)
-        for i, ids in enumerate(batches(2)):
+        for ids in batches(2):
             tracer = LiveTensors()
             with tracer:
                 model(ids).loss.backward()

@@ -1,7 +1,7 @@
-"""The benchmark runner (protocol: docs/design.md, "Benchmark protocol"): modes side by side, SDPA back
-ends, gradient check, longest context. Built to live inside a hard 10-minute command: every finished row is written at
-once (JSON and markdown), a mode stops at its first out-of-memory, rows predicted to overrun
-``--max-seconds`` are skipped (and run by the next call with ``--resume-from``).
+"""The benchmark runner (protocol: docs/design-notes.md, "Benchmark protocol"): modes side by side, SDPA
+back ends, gradient check, longest context. Built to live inside a hard 10-minute command: every finished
+row is written at once (JSON and markdown), a mode stops at its first out-of-memory, rows predicted to
+overrun ``--max-seconds`` are skipped (and run by the next call with ``--resume-from``).
 
 Writes ``<topic>_<gpu>_<date>.md`` and ``.json`` (+ ``_memory.png`` and ``_throughput.png`` when a sweep
 ran) into ``--out``; prints the tables last. Run as ``python -m revnet_zero.benchmarks.run`` or

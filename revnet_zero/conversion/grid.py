@@ -151,9 +151,9 @@ def gamma_unstep(A: Tensor, low: Tensor, signs: Tensor, m: int, inplace: bool = 
 # products by powers of two, integer arithmetic, exact float scaling and round-half-even, and compile
 # with eager's rounding of bf16 intermediates (inductor's ``emulate_precision_casts``; a torch without
 # it runs bf16 eagerly), so compiled and eager results are the same bits (tests/test_conversion.py
-# checks it on CUDA and on the CPU back end). Compiling costs some seconds at the first step and again at the first step of a new
-# shape; a failed compile warns and runs eagerly. Not with offload, whose eager steps work in place
-# (memory is what offload is for). ``revnet_zero.conversion.grid.FUSE = False`` turns it off.
+# checks it on CUDA and on the CPU back end). Compiling costs some seconds at the first step and again
+# at the first step of a new shape; a failed compile warns and runs eagerly. Not with offload, whose
+# eager steps work in place (memory is what offload is for). ``revnet_zero.conversion.grid.FUSE = False`` turns it off.
 
 FUSE = True
 FUSE_DEVICES = ("cuda",)   # where FUSE applies; tests add "cpu" (inductor's C++ back end) to run it there

@@ -109,7 +109,7 @@ class TransformerConfig:
         return self.d_model // self.num_heads
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "TransformerConfig":
+    def preset(cls, name: str, **overrides) -> TransformerConfig:
         """A named shape (``PRESETS``: 'tiny', 'S', 'M', 'llama8b') with fields replaced by ``overrides``."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
