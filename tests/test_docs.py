@@ -1,4 +1,5 @@
-"""README.md and docs/*.md: every relative link resolves, every ```python block runs on CPU.
+"""README.md and docs/*.md: every relative link resolves, every ```python block runs on CPU (and the
+README's first block, the fifteen lines, gives finite gradients).
 
 Blocks run top to bottom in one namespace per page (a later block may use an earlier one's names), in a
 temporary working directory, so pages read like sessions. A block is skipped only when the line right
@@ -78,9 +79,21 @@ def test_python_blocks_run(page: Path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     namespace: dict = {"__name__": "__docs__"}
-    for line, code, skip in python_blocks(page.read_text()):
+    blocks = python_blocks(page.read_text())
+    for line, code, skip in blocks:
         if skip is None:
             exec(compile(code, f"{page_id(page)}:{line}", "exec"), namespace)  # noqa: S102 - the project's own docs
+    if page == ROOT / "README.md":
+        check_the_fifteen_lines(blocks[0][1], namespace)
+
+
+def check_the_fifteen_lines(code: str, namespace: dict) -> None:
+    """The README's first block is what users copy first: a reversible stack whose backward gives every
+    input and parameter a finite gradient."""
+    assert "ReversibleSequence" in code and "loss.backward()" in code and len(code.splitlines()) <= 16
+    x, stack = namespace["x"], namespace["stack"]
+    assert x.grad is not None and x.grad.shape == x.shape and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in stack.parameters())
 
 
 def test_the_results_index_lists_every_result_file():
