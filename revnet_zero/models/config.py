@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -85,10 +86,10 @@ class TransformerConfig:
             p = getattr(self, name)
             if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
                 raise ValueError(f"{name} must be in [0, 1), got {p!r}")
-        for name in ("norm_eps", "rope_theta"):
+        for name in ("norm_eps", "rope_theta", "embed_scale"):  # NaN loss, or RoPE silently off at inf
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v > 0):
-                raise ValueError(f"{name} must be a positive number, got {v!r}")
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite positive number, got {v!r}")
         for name in ("tie_embeddings", "causal", "use_flash_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
