@@ -354,7 +354,7 @@ def test_seed_constructor_and_presets():
 @pytest.mark.parametrize("kw,err,match", [
     (dict(d_model=40, num_heads=3), ValueError, "d_model=40 .* num_heads=3"),
     (dict(num_heads=4, num_kv_heads=3), ValueError, "num_heads=4 .* num_kv_heads=3"),
-    (dict(coupling="rotation"), ValueError, "'rotation'"),
+    (dict(coupling="sideways"), ValueError, "'sideways'"),
     (dict(ffn="relu2"), ValueError, "'relu2'"),
     (dict(dropout=1.5), ValueError, "1.5"),
     (dict(use_flash_attention=False), ValueError, "S x S"),
