@@ -60,8 +60,8 @@ def held_out_loss(model, data, batch: int) -> float:
 
 def train_lm(overrides: dict, train, val, steps: int, batch: int, eval_every: int, seq_len: int) -> dict:
     torch.manual_seed(0)
-    cfg = TransformerConfig(vocab_size=ByteTokenizer.vocab_size, num_layers=2, d_model=64, num_heads=4, d_ff=172, max_seq_len=seq_len,
-                            **overrides)
+    cfg = TransformerConfig(vocab_size=ByteTokenizer.vocab_size, num_layers=2, d_model=64, num_heads=4, d_ff=172,
+                            max_seq_len=seq_len, **overrides)
     model = ReversibleGPT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
@@ -88,7 +88,8 @@ def recall_probe(S: int, window: int, pairs: int = 32, hd: int = 32, sharpness: 
     keys = F.normalize(torch.randn(pairs, hd, generator=g), dim=-1)
     k[0, 0, pos] = keys * math.sqrt(hd)                     # planted keys: same norm as the filler
     q = torch.randn(1, 1, S, hd, generator=g)
-    q[0, 0, S - pairs:] = keys * sharpness                  # logit with its own key: sharpness; others ~ N(0, sharpness^2/hd)
+    # logit with its own key: sharpness; others ~ N(0, sharpness^2/hd)
+    q[0, 0, S - pairs:] = keys * sharpness
     spec = HierarchySpec(window, (16, 64, 256))
     w = rf.draw_frequencies("gaussian", 256, hd, torch.Generator().manual_seed(1))
     wc = rf.draw_frequencies("cauchy", 256, hd, torch.Generator().manual_seed(1))
@@ -128,7 +129,8 @@ def plot(lm: dict, path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m revnet_zero.benchmarks.attention_quality", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m revnet_zero.benchmarks.attention_quality",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="folder for attention_quality_cpu_<date>.{md,json,png}")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=8)
