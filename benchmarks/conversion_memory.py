@@ -12,11 +12,12 @@ Two shapes: ``1b`` (d 2048, 16 layers, 32/8 heads, FFN 8192; float32 weights, Ad
 ``8b`` (d 4096, 32/8 heads, FFN 14336; bf16 frozen weights, LoRA r=16 on q/k/v/o via peft). The
 kept memory per layer is the slope of peak memory over depth (``--depths``) at one length.
 
-    python benchmarks/conversion_memory.py --shape 1b --lengths 8192,32768,131072 --depths 8,16 --commit C --out $OUT
+    python -m benchmarks.conversion_memory --shape 1b --lengths 8192,32768,131072 --depths 8,16 --commit C --out $OUT
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -24,12 +25,10 @@ import sys
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from revnet_zero import convert_to_reversible  # noqa: E402
-from revnet_zero.benchmarks.measure import cap_memory, environment, free_memory, gpu_slug, measure_step, random_ids  # noqa: E402
-from revnet_zero.benchmarks.sdpa import sdpa_context  # noqa: E402
-from revnet_zero.ops.loss import fused_linear_cross_entropy  # noqa: E402
+from revnet_zero import convert_to_reversible
+from revnet_zero.benchmarks.measure import cap_memory, environment, free_memory, gpu_slug, measure_step, random_ids
+from revnet_zero.benchmarks.sdpa import sdpa_context
+from revnet_zero.ops.loss import fused_linear_cross_entropy
 
 GIB = 2**30
 SHAPES = {
@@ -240,7 +239,7 @@ def kept_per_layer(shape: str, mode: str, lengths=(128, 256), depths=(1, 2), gam
     bytes once the bf16-autocast forward has returned (``memory_breakdown.LiveTensors``; autocast's
     weight-cast cache is gone by then), differenced over two depths and two lengths, so fixed and
     per-layer-constant bytes (e.g. bf16 weight copies the graph keeps) cancel."""
-    from memory_breakdown import LiveTensors
+    from .memory_breakdown import LiveTensors
     live = {}
     for layers in depths:
         for seq in lengths:
@@ -257,7 +256,7 @@ def kept_per_layer(shape: str, mode: str, lengths=(128, 256), depths=(1, 2), gam
 
 
 def main_kept(argv=None) -> None:
-    """``python benchmarks/conversion_memory.py kept --shape 1b``: the kept-bytes table (CPU)."""
+    """``python -m benchmarks.conversion_memory kept --shape 1b``: the kept-bytes table (CPU)."""
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="1b", choices=sorted(SHAPES))
     p.add_argument("--out", default="benchmarks/results")
@@ -283,10 +282,10 @@ def _write_cpu_table(out: str, name: str, lines: list[str]) -> None:
 
 
 def main_counts(argv=None) -> None:
-    """``python benchmarks/conversion_memory.py counts --shape 1b``: FLOPs and elementwise bytes per layer
+    """``python -m benchmarks.conversion_memory counts --shape 1b``: FLOPs and elementwise bytes per layer
     per token of one training step, Hugging Face checkpointing vs BDIA, counted on CPU
     (``recompute_flops.Counts``, fitted over 1-2 layers and two lengths)."""
-    import recompute_flops as rf
+    from . import recompute_flops as rf
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="1b", choices=sorted(SHAPES))
     p.add_argument("--lengths", default="512,1024")
@@ -320,7 +319,7 @@ def main_counts(argv=None) -> None:
              "(`torch.utils.flop_counter`, matmuls and attention) and the bytes every other op reads and writes, "
              f"bf16 autocast, float32 weights, BDIA gamma0 = {a.gamma0}; fitted over 1 and 2 layers and {lengths} "
              "tokens (the per-layer linear part: per token, independent of the length). "
-             f"`python benchmarks/conversion_memory.py counts --shape {a.shape}`.", "",
+             f"`python -m benchmarks.conversion_memory counts --shape {a.shape}`.", "",
              "| | hf_ac | bdia | bdia - hf_ac |", "|---|---|---|---|",
              f"| matmul MFLOP / layer / token | {h['flops']['lin'] / 1e6:.1f} | {b['flops']['lin'] / 1e6:.1f} | "
              f"{(b['flops']['lin'] - h['flops']['lin']) / 1e6:+.1f} |",
@@ -334,10 +333,11 @@ def main_counts(argv=None) -> None:
 
 
 def main_profile(argv=None) -> None:
-    """``python benchmarks/conversion_memory.py profile --shape 1b --seq 8192``: where one step's GPU time
+    """``python -m benchmarks.conversion_memory profile --shape 1b --seq 8192``: where one step's GPU time
     goes, per mode (torch.profiler; one warm-up step, one profiled)."""
-    from profile_step import report
     from revnet_zero.benchmarks.measure import train_step
+
+    from .profile_step import report
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="1b", choices=sorted(SHAPES))
     p.add_argument("--modes", default="hf_ac,bdia")
@@ -358,7 +358,7 @@ def main_profile(argv=None) -> None:
         ids = random_ids(model.lm.config.vocab_size, 1, a.seq, dev)
         with sdpa_context(a.sdpa):
             report(f"{mode} ({a.shape}, {a.layers} layers, seq {a.seq}, grid step {a.grid_step})",
-                   lambda: train_step(model, ids, torch.bfloat16), a.top)
+                   functools.partial(train_step, model, ids, torch.bfloat16), a.top)
         del model
         free_memory(dev)
 

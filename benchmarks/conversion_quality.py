@@ -5,8 +5,8 @@ library's source, then fine-tunes copies of it on the other half: ordinarily, an
 ``convert_to_reversible`` with gamma0 = 1/2, 1/4, 1/8. Held-out loss is measured in eval mode, where
 every variant is exactly the plain model. Writes a markdown table, a JSON and a plot.
 
-    python benchmarks/conversion_quality.py --out benchmarks/results
-    python3 benchmarks/conversion_quality.py --device cuda --bf16 --layers 12 --d-model 768 --heads 12 \
+    python -m benchmarks.conversion_quality --out benchmarks/results
+    python -m benchmarks.conversion_quality --device cuda --bf16 --layers 12 --d-model 768 --heads 12 \
         --seq-len 1024 --batch 8 --pretrain-steps 2000 --finetune-steps 500 --commit C --out $OUT   # GPU
 """
 from __future__ import annotations
@@ -17,17 +17,14 @@ import datetime
 import json
 import os
 import subprocess
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from revnet_zero import convert_to_reversible  # noqa: E402
-from revnet_zero.benchmarks.measure import gpu_slug  # noqa: E402
-from revnet_zero.data import ByteTokenizer, PackedDataset  # noqa: E402
-from revnet_zero.demo import stdlib_sources  # noqa: E402
-
+from revnet_zero import convert_to_reversible
+from revnet_zero.benchmarks.measure import gpu_slug
+from revnet_zero.data import ByteTokenizer, PackedDataset
+from revnet_zero.demo import stdlib_sources
 
 DEVICE = torch.device("cpu")
 AMP = None   # autocast dtype for training and eval (--bf16 on CUDA)

@@ -1,13 +1,10 @@
 """GPU diagnosis: are a block's sub-functions deterministic and the same with and without grad,
 and how far do the rebuilt streams drift, block by block (model S, bf16 autocast)."""
 import dataclasses
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from revnet_zero.models import ReversibleGPT, TransformerConfig  # noqa: E402
+from revnet_zero.models import ReversibleGPT, TransformerConfig
 
 
 def rel(a, b):

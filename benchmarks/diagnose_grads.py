@@ -1,18 +1,15 @@
 """GPU diagnosis: reversible vs plain-autograd gradients of model S per SDPA back end and dtype.
 
-python3 benchmarks/diagnose_grads.py --layers 4 --seq 8192
+python -m benchmarks.diagnose_grads --layers 4 --seq 8192
 """
 import argparse
 import contextlib
 import dataclasses
-import os
-import sys
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from revnet_zero.models import ReversibleGPT, TransformerConfig  # noqa: E402
+from revnet_zero.models import ReversibleGPT, TransformerConfig
 
 
 def grads(model, ids, policy, amp):
@@ -62,9 +59,9 @@ def main():
                 print(f"  {'perturbed ' + str(eps):16s} plain autograd: max {mx:.2e} med {med:.2e} "
                       + ", ".join(f"{n} {e:.1e}" for n, e in top), flush=True)
                 for policy in ("recompute", "store_attention"):
-                    l, g = grads(model, ids, policy, amp)
+                    loss, g = grads(model, ids, policy, amp)
                     mx, med, top = worst(g, ref)
-                    print(f"  {policy:16s} loss {l:.6f} vs {l0:.6f}: max {mx:.2e} med {med:.2e} "
+                    print(f"  {policy:16s} loss {loss:.6f} vs {l0:.6f}: max {mx:.2e} med {med:.2e} "
                           + ", ".join(f"{n} {e:.1e}" for n, e in top), flush=True)
 
 

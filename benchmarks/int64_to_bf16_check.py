@@ -1,6 +1,6 @@
 """int64 -> bfloat16 on CUDA: PyTorch's eager kernels against inductor's compiled ones.
 
-``python benchmarks/int64_to_bf16_check.py``: how many of 2^24 random integers below 2^40 (grid values
+``python -m benchmarks.int64_to_bf16_check``: how many of 2^24 random integers below 2^40 (grid values
 of ``revnet_zero.conversion.grid``) convert to different bfloat16 values compiled and eagerly. Why
 ``from_grid`` runs eagerly after the compiled grid step."""
 import torch

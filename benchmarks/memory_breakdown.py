@@ -7,7 +7,7 @@ inside kernels: the figure is the step's own tensor memory, which on CUDA is
 ``max_memory_allocated - allocated before`` up to the caching allocator's rounding. The CPU run
 takes the same code path as CUDA except attention (CPU: no cuDNN kernel, no contiguous copies).
 
-    python benchmarks/memory_breakdown.py --d-model 1024 --layers 2 --seq 4096 --top 25
+    python -m benchmarks.memory_breakdown --d-model 1024 --layers 2 --seq 4096 --top 25
 
 To see at a short length what dominates at a long one, shrink the tiles in proportion
 (``--ffn-chunk``, ``--norm-rows``: 1024 at 8k tokens stands for 16384 at 128k).
@@ -66,8 +66,8 @@ class LiveTensors(TorchDispatchMode):
 
 def main(argv=None) -> None:
     from revnet_zero import engine
-    from revnet_zero.ops import norm
     from revnet_zero.models import ReversibleTransformer, TransformerConfig
+    from revnet_zero.ops import norm
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--d-model", type=int, default=1024)

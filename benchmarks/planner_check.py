@@ -6,7 +6,7 @@ memory; 'tight' = halfway between the least-memory plan's predicted peak and ful
 the plan and measure one step. Rows: predicted and measured peak (GiB), whether the measured peak
 stayed within the budget, step time vs full_ac and standard, the policy mix.
 
-    python benchmarks/planner_check.py --lengths 8192,32768,131072 --commit abc1234 --out $OUT
+    python -m benchmarks.planner_check --lengths 8192,32768,131072 --commit abc1234 --out $OUT
 """
 from __future__ import annotations
 
@@ -14,18 +14,16 @@ import argparse
 import collections
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from revnet_zero.benchmarks.measure import environment, free_memory, gpu_slug, measure_step, random_ids  # noqa: E402
-from revnet_zero.benchmarks.modes import apply_mode  # noqa: E402
-from revnet_zero.benchmarks.runner import build_model  # noqa: E402
-from revnet_zero.benchmarks.sdpa import sdpa_context  # noqa: E402
-from revnet_zero.memory import MemoryProfiler  # noqa: E402
-from revnet_zero.memory.scheduler import device_budget, plan, verified_plan  # noqa: E402
+from revnet_zero.benchmarks.measure import environment, free_memory, gpu_slug, measure_step, random_ids
+from revnet_zero.benchmarks.modes import apply_mode
+from revnet_zero.benchmarks.runner import build_model
+from revnet_zero.benchmarks.sdpa import sdpa_context
+from revnet_zero.memory import MemoryProfiler
+from revnet_zero.memory.scheduler import device_budget, plan, verified_plan
 
 GIB = 2**30
 AMP = torch.bfloat16
@@ -54,7 +52,7 @@ def main(argv=None) -> None:
         rows = [r for f in a.replot.split(",") for r in json.load(open(f))]
         print(plot(rows, os.path.join(a.out, f"{a.topic}.png")))
         return
-    # as benchmarks/run.py: without expandable segments, full AC at 256k fails on fragmentation
+    # as revnet_zero.benchmarks.run: without expandable segments, full AC at 256k fails on fragmentation
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     dev = torch.device(a.device)
     env = environment(dev, a.commit)

@@ -1,6 +1,6 @@
 """Where one training step's time goes, per mode: torch.profiler tables for the GPU machine.
 
-    python benchmarks/profile_step.py --config S --seq 8192 --modes standard,full_ac,revnet_zero
+    python -m benchmarks.profile_step --config S --seq 8192 --modes standard,full_ac,revnet_zero
 
 For each mode: one warm-up step, then one profiled step. Prints the step's wall time, the GPU's busy
 time (sum of kernel times) and the top kernels by GPU time, so host-side overhead (GPU idle while

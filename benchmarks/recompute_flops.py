@@ -13,26 +13,23 @@ reversible one by ~0.5% (``modes_..._2026-11-23.md``). Both recompute the blocks
 rebuilt (its early stop), so it never runs a block's last matmul; a reversible backward must, since it
 subtracts the block's output to invert it. ``full_ac:no_early_stop`` turns that stop off.
 
-    python benchmarks/recompute_flops.py --config S --at 262144 --out benchmarks/results
+    python -m benchmarks.recompute_flops --config S --at 262144 --out benchmarks/results
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 from collections import Counter
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import (flop_registry, register_flop_formula,
-                                      sdpa_backward_flop_count, sdpa_flop_count)
+from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from revnet_zero.benchmarks.measure import environment  # noqa: E402
-from revnet_zero.benchmarks.modes import apply_mode  # noqa: E402
-from revnet_zero.benchmarks.runner import build_model  # noqa: E402
+from revnet_zero.benchmarks.measure import environment
+from revnet_zero.benchmarks.modes import apply_mode
+from revnet_zero.benchmarks.runner import build_model
 
 aten = torch.ops.aten
 MODES = ("standard", "full_ac", "full_ac:no_early_stop", "revnet_zero", "revnet_zero:store_attention")
@@ -159,7 +156,7 @@ def main(argv=None) -> None:
              "written by every op without a FLOP formula; bf16 autocast forward, backward outside it, batch 1, fused "
              f"head + loss. Fitted over depths {depths} and lengths {lengths} as `L·(lin·S + quad·S²) + head·S` "
              "(FLOPs) and `L·(lin·S + const) + head·S + head_const` (bytes; const: a layer's weight casts), evaluated at "
-             f"{L} layers and {a.at} tokens. `python benchmarks/recompute_flops.py --config {a.config} --at {a.at}`.",
+             f"{L} layers and {a.at} tokens. `python -m benchmarks.recompute_flops --config {a.config} --at {a.at}`.",
              "", f"| mode | TFLOP at {a.at} | vs standard | vs revnet_zero | matmul GFLOP / layer / 1k tokens "
              f"(linear part) | other ops GB at {a.at} |", "|---|---|---|---|---|---|"]
     rev = by.get("revnet_zero")

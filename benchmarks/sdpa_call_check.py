@@ -1,7 +1,7 @@
 """Is the cuDNN attention forward as fast through ``aten._scaled_dot_product_cudnn_attention`` (what the
 reversible engine calls, to get the logsumexp) as through ``F.scaled_dot_product_attention``?
 
-    python3 benchmarks/sdpa_call_check.py --seq 262144 --repeats 5
+    python -m benchmarks.sdpa_call_check --seq 262144 --repeats 5
 
 B=1, 16 heads, head dim 64, bf16, causal, q/k/v in the projections' [B, S, H, hd] layout (and, for
 comparison, [B, H, S, hd]-contiguous). Prints the median milliseconds per call of each way.
@@ -9,6 +9,7 @@ comparison, [B, H, S, hd]-contiguous). Prints the median milliseconds per call o
 from __future__ import annotations
 
 import argparse
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -150,7 +150,8 @@ def run_demo(out_dir="revnet-zero-demo", minutes: float = 3.0, steps: int | None
                       eval_every=max(1, num_steps // 5), eval_batches=10,
                       log_every=max(1, min(10, num_steps // 20)),
                       progress=progress, warmup_steps=max(1, num_steps // 20))
-    echo(f"Training for {'%d steps' % steps if steps else 'up to %.1f minutes (~%d steps)' % (minutes, num_steps)}"
+    planned = f"{steps} steps" if steps else f"up to {minutes:.1f} minutes (~{num_steps} steps)"
+    echo(f"Training for {planned}"
          f", batch {batch_size} x {seq_len} bytes, {precision}")
     summary = trainer.train(train_dataset=train_set, eval_dataset=eval_set, num_steps=num_steps,
                             time_limit_s=None if steps else budget)

@@ -327,7 +327,8 @@ class ReversibleBlock(nn.Module):
     ``policy``: ``'recompute'`` (default: rebuild inputs from outputs in backward), ``'store_attention'``
     / ``'offload_attention'`` (also keep each attention output and logsumexp, on the GPU or in pinned
     host memory, so the recompute skips attention: see ``ops/kept_attention.py``), or ``'store'``
-    (plain autograd: fastest, keeps every activation). Under ``torch.no_grad()`` or when nothing needs a gradient, it is a plain forward.
+    (plain autograd: fastest, keeps every activation). Under ``torch.no_grad()`` or when nothing
+    needs a gradient, it is a plain forward.
 
     Example::
 

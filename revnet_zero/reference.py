@@ -21,7 +21,8 @@ def reference_block(coupling: BaseCoupling, x1: Tensor, x2: Tensor, **kwargs) ->
     if isinstance(coupling, AffineCoupling):
         def affine(x, h):
             a, t = h.chunk(2, dim=coupling.split_dim)
-            return x * torch.exp(coupling.scale_init * torch.tanh(a.to(torch.promote_types(a.dtype, torch.float32)))) + t
+            a = a.to(torch.promote_types(a.dtype, torch.float32))
+            return x * torch.exp(coupling.scale_init * torch.tanh(a)) + t
         f, g = coupling.f, coupling.g
         y1 = affine(x1, f(x2, **kwargs)) if f is not None else x1
         y2 = affine(x2, g(y1, **kwargs)) if g is not None else x2

@@ -135,7 +135,7 @@ def test_scheduler_budget_above_free_memory():
 # --- OptimalConfigs ---
 
 def test_presets_equal_what_the_committed_tables_give():
-    for (size, hw, regime), rows in PRESETS.items():
+    for (_size, hw, _regime), rows in PRESETS.items():
         tables = {src: json.load(open(os.path.join(ROOT, src))) for src in TABLES[hw]}
         assert derive_presets(tables) == rows
 

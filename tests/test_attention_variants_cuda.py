@@ -20,7 +20,8 @@ SPEC = HierarchySpec(128, (4, 16, 64))
 PATHS = {
     "window": (lambda q, k, v: sliding_window_flex(q, k, v, 200), lambda q, k, v: sliding_window_chunked(q, k, v, 200),
                lambda q, k, v: sliding_window_reference(q, k, v, 200)),
-    "hierarchical": (lambda q, k, v: hierarchical_flex(SPEC, q, k, v), lambda q, k, v: hierarchical_chunked(SPEC, q, k, v),
+    "hierarchical": (lambda q, k, v: hierarchical_flex(SPEC, q, k, v),
+                     lambda q, k, v: hierarchical_chunked(SPEC, q, k, v),
                      lambda q, k, v: hierarchical_reference(SPEC, q, k, v)),
 }
 

@@ -1,5 +1,5 @@
 """The benchmark suite on CPU: rows, modes, writers, plots, search logic. Speed and memory themselves
-are measured on the GPU machine (benchmarks/run.py), never asserted here."""
+are measured on the GPU machine (python -m revnet_zero.benchmarks.run), never asserted here."""
 import importlib.util
 import json
 import os
@@ -199,9 +199,7 @@ def test_max_context_finds_the_limit_by_doubling_then_bisection(tiny):
 
 
 def test_runner_writes_table_json_and_plots_on_cpu(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_run", os.path.join(ROOT, "benchmarks", "run.py"))
-    run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run)
+    from revnet_zero.benchmarks import run
     out = str(tmp_path)
     assert run.main(["--config", "tiny", "--layers", "1", "--modes", "standard,revnet_zero", "--lengths", "16",
                      "--repeats", "1", "--check-grads", "16", "--grad-modes", "revnet_zero", "--out", out,
@@ -230,11 +228,9 @@ def _row(mode, seq_len, peak, step):
 
 
 def _script(name):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """A script of the repository's benchmarks/ folder, imported as ``benchmarks.<name>`` (pytest puts the
+    repository root on sys.path: ``pythonpath`` in pyproject.toml)."""
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def test_kept_bytes_measure_gives_the_known_answers(monkeypatch):

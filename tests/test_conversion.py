@@ -16,7 +16,6 @@ import copy
 import inspect
 import warnings
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
@@ -324,6 +323,7 @@ def test_bdia_on_cuda(name, autocast, monkeypatch):
         assert torch.equal(original(input_ids=x).logits, converted(input_ids=x).logits)
 
 
+@pytest.mark.slow   # ~36 inductor compiles (m x dtype x sign form, forward and backward): about a minute on CPU
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_compiled_update_step_is_the_eager_one(device):
@@ -344,7 +344,8 @@ def test_compiled_update_step_is_the_eager_one(device):
                 S, D = (31, 7) if common is None else (64, 16)
                 signs = bdia_module.Signs(torch.tensor([1, -1] if common is None else [common, common],
                                                        device=device), common)
-                y = (torch.randn(2, S, D, generator=g) * 10 ** torch.randint(-3, 4, (2, S, 1), generator=g)).to(device, dtype)
+                scale = 10 ** torch.randint(-3, 4, (2, S, 1), generator=g)   # values over seven decades
+                y = (torch.randn(2, S, D, generator=g) * scale).to(device, dtype)
                 x = (torch.randn(2, S, D, generator=g) * 5).to(device, dtype)
                 X_prev = torch.randint(-2 ** 40, 2 ** 40, (2, S, D), generator=g).to(device)
                 runs = []
@@ -589,7 +590,8 @@ def test_unrecognised_layers_fall_back_to_checkpointing(capsys):
     ref_loss, ref_grads = train_step(bdia_reference(original), x)
     assert torch.equal(loss, ref_loss)
     assert max(rel_err(grads[n], ref_grads[n]) for n in grads) <= 1e-6
-    with pytest.raises(ValueError, match=r"1 layers cannot be made reversible \(2 \(OddLayer\)\).*checkpoint_segments=0"):
+    with pytest.raises(ValueError,
+                       match=r"1 layers cannot be made reversible \(2 \(OddLayer\)\).*checkpoint_segments=0"):
         convert_to_reversible(original, checkpoint_segments=0, verbose=False)
 
 
@@ -780,8 +782,7 @@ def test_offload_leaves_nothing_per_layer_outside_host_memory_but_the_signs(monk
     """With offload, what a training forward leaves alive outside the parked (host) copies grows with
     depth by B signs a layer at most: what lets a few layers stand in for the full depth in the
     longest-context runs (the GPU's own allocator is not modelled here)."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from memory_breakdown import LiveTensors
+    from benchmarks.memory_breakdown import LiveTensors
     B, S = 2, 64
     parked = []
 
@@ -820,8 +821,7 @@ def test_offload_step_peak_grows_with_depth_by_the_trainable_gradients_alone(mon
     gradient, the embeddings being frozen. At 256k tokens of Llama-3-8B that is the 2 GiB the H200
     showed from 2 to 4 layers.)"""
     peft = pytest.importorskip("peft")
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from memory_breakdown import LiveTensors
+    from benchmarks.memory_breakdown import LiveTensors
     from torch.utils._python_dispatch import _disable_current_modes
 
     class Own(offload_module.Parked):

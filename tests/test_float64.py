@@ -34,7 +34,7 @@ def test_whole_model_gradient_matches_central_differences(cls, causal):
     scale = max(p.grad.abs().max().item() for p in model.parameters())
     worst = 0.0
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             for i in torch.randint(0, p.numel(), (2,), generator=pick).tolist():
                 flat = p.view(-1)
                 old = flat[i].item()

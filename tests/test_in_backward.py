@@ -1,13 +1,9 @@
 """OptimizerInBackward: AdamW stepped per parameter during backward equals the ordinary step, and the
 gradients never pile up."""
 import copy
-import os
-import sys
 
 import pytest
 import torch
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 from revnet_zero.models import ReversibleGPT, TransformerConfig
 from revnet_zero.training import OptimizerInBackward
@@ -53,7 +49,7 @@ def test_same_parameters_as_an_ordinary_adamw_loop():
 def test_gradients_do_not_pile_up_in_backward():
     """Live tensor bytes at the peak of a step (second step: the AdamW state exists before it): with
     the step in backward the peak holds at most a block's gradients, not all of them."""
-    from memory_breakdown import LiveTensors
+    from benchmarks.memory_breakdown import LiveTensors
     peaks = {}
     for name in ("plain", "in_backward"):
         model = tiny()
@@ -61,7 +57,7 @@ def test_gradients_do_not_pile_up_in_backward():
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
         else:
             opt = OptimizerInBackward(model.parameters(), torch.optim.AdamW, lr=1e-3, foreach=False)
-        for i, ids in enumerate(batches(2)):
+        for ids in batches(2):
             tracer = LiveTensors()
             with tracer:
                 model(ids).loss.backward()

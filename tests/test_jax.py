@@ -12,8 +12,8 @@ jax = pytest.importorskip("jax", reason="the [jax] extra (jax, flax, optax) is n
 jnp = pytest.importorskip("jax.numpy")
 optax = pytest.importorskip("optax")
 
-from revnet_zero import ReversibleTransformer, TransformerConfig
-from revnet_zero.jax import (
+from revnet_zero import ReversibleTransformer, TransformerConfig  # noqa: E402
+from revnet_zero.jax import (  # noqa: E402
     JAXMemoryScheduler,
     ReversibleTransformerJAX,
     from_torch_state_dict,
@@ -22,7 +22,7 @@ from revnet_zero.jax import (
     save_torch_weights,
     to_torch_state_dict,
 )
-from revnet_zero.training.checkpoint import load_weights, save_weights
+from revnet_zero.training.checkpoint import load_weights, save_weights  # noqa: E402
 
 # fp32 against PyTorch: the same math in another summation order (XLA vs ATen matmuls, softmax,
 # chunked loss), plus the rebuild-by-subtraction rounding of the reversible backward (~1e-7 per block).
@@ -112,7 +112,8 @@ def test_custom_vjp_gradients_equal_autodiff_in_float64():
     forward, dropout on, in float64: only rounding separates them, 1e-10 relative. In a subprocess so
     x64 stays out of the other tests."""
     env = {**os.environ, "JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"}
-    r = subprocess.run([sys.executable, "-c", X64_SCRIPT], check=False, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", X64_SCRIPT], check=False, env=env, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("max") == 2
 
@@ -126,7 +127,8 @@ def test_reversible_stack_keeps_dropout_masks_in_the_recompute():
     v = m.init(jax.random.key(0), ids)
 
     def run(policy, key):
-        f = lambda p: m.clone(memory_policy=policy).apply(p, ids, deterministic=False, rngs={"dropout": key}).loss
+        def f(p):
+            return m.clone(memory_policy=policy).apply(p, ids, deterministic=False, rngs={"dropout": key}).loss
         return jax.jit(jax.value_and_grad(f))(v)
 
     (l1, g1), (l2, g2) = run("recompute", jax.random.key(5)), run("store", jax.random.key(5))

@@ -84,7 +84,8 @@ def test_recompute_does_not_rerun_attention(monkeypatch):
     calls = []
     real_fwd, real_sdpa = ka._forward, ka.F.scaled_dot_product_attention
     monkeypatch.setattr(ka, "_forward", lambda *a: calls.append("kept") or real_fwd(*a))
-    monkeypatch.setattr(ka.F, "scaled_dot_product_attention", lambda *a, **k: calls.append("sdpa") or real_sdpa(*a, **k))
+    monkeypatch.setattr(ka.F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append("sdpa") or real_sdpa(*a, **k))
     stack = ReversibleSequence([AdditiveCoupling(Attn(16, 2, 2), MLP(16)) for _ in range(3)])
     x = torch.randn(1, 9, 16, requires_grad=True)
     stack.set_policy("store_attention")

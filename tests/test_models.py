@@ -427,7 +427,7 @@ def test_tiny_model_learns_repeated_text():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
     losses = []
-    for step in range(200):
+    for _step in range(200):
         starts = torch.randint(0, len(data) - 65, (8,), generator=g)
         batch = torch.stack([data[s:s + 64] for s in starts])
         loss = model(batch).loss

@@ -61,8 +61,8 @@ def held_out_loss(model, data, batch: int) -> float:
 
 def train_lm(overrides: dict, train, val, steps: int, batch: int, eval_every: int, seq_len: int) -> dict:
     torch.manual_seed(0)
-    cfg = TransformerConfig(vocab_size=ByteTokenizer.vocab_size, num_layers=2, d_model=64, num_heads=4, d_ff=172, max_seq_len=seq_len,
-                            **overrides)
+    cfg = TransformerConfig(vocab_size=ByteTokenizer.vocab_size, num_layers=2, d_model=64, num_heads=4, d_ff=172,
+                            max_seq_len=seq_len, **overrides)
     model = ReversibleGPT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
@@ -89,7 +89,8 @@ def recall_probe(S: int, window: int, pairs: int = 32, hd: int = 32, sharpness: 
     keys = F.normalize(torch.randn(pairs, hd, generator=g), dim=-1)
     k[0, 0, pos] = keys * math.sqrt(hd)                     # planted keys: same norm as the filler
     q = torch.randn(1, 1, S, hd, generator=g)
-    q[0, 0, S - pairs:] = keys * sharpness                  # logit with its own key: sharpness; others ~ N(0, sharpness^2/hd)
+    # logit with its own key: sharpness; others ~ N(0, sharpness^2/hd)
+    q[0, 0, S - pairs:] = keys * sharpness
     spec = HierarchySpec(window, (16, 64, 256))
     w = rf.draw_frequencies("gaussian", 256, hd, torch.Generator().manual_seed(1))
     wc = rf.draw_frequencies("cauchy", 256, hd, torch.Generator().manual_seed(1))
@@ -129,7 +130,8 @@ def plot(lm: dict, path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m revnet_zero.benchmarks.attention_quality", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m revnet_zero.benchmarks.attention_quality",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="folder for attention_quality_cpu_<date>.{md,json,png}")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch", type=int, default=8)
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
         lm[name] = train_lm(overrides, train, val, args.steps, args.batch, max(1, args.steps // 10), args.seq_len)
         print(f"{name}: held-out {lm[name]['held_out_loss']:.4f} ({lm[name]['seconds']:.0f} s)", flush=True)
     probe = {S: recall_probe(S, args.probe_window) for S in map(int, args.probe_lengths.split(","))}
-    command = " ".join(["python -m revnet_zero.benchmarks.attention_quality", *(sys.argv[1:] if argv is None else argv)])
+    given = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python -m revnet_zero.benchmarks.attention_quality", *given])
     result = {"command": command, "torch": torch.__version__, "date": date, "lm": lm, "probe": probe,
               "args": vars(args), "train_sequences": len(train), "val_sequences": len(val)}
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))

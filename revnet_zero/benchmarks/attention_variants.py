@@ -145,7 +145,8 @@ def _f(x, digits=2):
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
-    p = argparse.ArgumentParser(prog="python -m revnet_zero.benchmarks.attention_variants", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m revnet_zero.benchmarks.attention_variants",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="folder for the md and json results")
     p.add_argument("--memory-cap-gib", type=float, default=None, help="cap the allocator (78.4 stands in for 80 GB)")
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting rows that would end after this")

@@ -253,7 +253,7 @@ def _draw(ax, rows, metric, ylabel) -> None:
     lines: dict = {}
     for r in rows:
         lines.setdefault((r["model"], r["mode"], r["batch"]), []).append(r)
-    for (model, mode, batch), rs in lines.items():
+    for (model, mode, _batch), rs in lines.items():
         pts = sorted((r["seq_len"], r[metric]) for r in rs if r["status"] == "ok" and r.get(metric) is not None)
         fails = sorted((r["seq_len"], r["status"]) for r in rs if r["status"] in ("oom", "error"))
         label = mode if len(models) == 1 else f"{model} {mode}"

@@ -1,4 +1,4 @@
-"""What ``benchmarks/run.py`` does once its arguments are parsed (kept here so tests can drive it)."""
+"""What ``revnet_zero.benchmarks.run`` does once its arguments are parsed (kept here so tests can drive it)."""
 from __future__ import annotations
 
 import dataclasses
@@ -173,7 +173,8 @@ def main(args, deadline: float) -> int:
     run = Run(args, device, deadline)
     sdpa = choose_sdpa(run)
     layers_list = _ints(args.layers) if args.layers else [None]
-    suite = BenchmarkSuite(device, repeats=args.repeats, optimizer="adamw_in_backward" if args.optimizer_in_backward else args.optimizer, sdpa_backend=sdpa,
+    optimizer = "adamw_in_backward" if args.optimizer_in_backward else args.optimizer
+    suite = BenchmarkSuite(device, repeats=args.repeats, optimizer=optimizer, sdpa_backend=sdpa,
                            long_tokens=args.long_tokens, long_warmup_tokens=args.long_warmup_tokens,
                            peer_max_len=args.peer_max_len, offload_max_host_gib=args.offload_max_host_gib,
                            commit=args.commit)

@@ -185,7 +185,8 @@ def sweep(args) -> None:
                        "--policy", args.policy, "--mode", mode if n > 1 else "all_to_all"]
                 cmd += ["--layers", str(args.layers)] if args.layers else []
                 cmd += ["--fsdp"] if args.fsdp else []
-                cmd += ["--grad-check", "--grad-check-len", str(args.grad_check_len)] if args.grad_check and n > 1 else []
+                if args.grad_check and n > 1:
+                    cmd += ["--grad-check", "--grad-check-len", str(args.grad_check_len)]
                 cmd += ["--memory-cap-gib", str(args.memory_cap_gib)] if args.memory_cap_gib else []
                 cmd += ["--commit", args.commit] if args.commit else []
                 done = subprocess.run(cmd, timeout=args.timeout_s)
@@ -214,7 +215,8 @@ def _write(rows: list[dict], args) -> None:
     lines = [f"# Sequence parallelism, model {args.model} ({env.get('gpu')}, torch {env.get('torch')}, "
              f"commit {env.get('commit')}, {env.get('date')})", "",
              f"One training step, median of {args.repeats} after a warm-up; peak = largest over the ranks.", "",
-             "| GPUs | mode | FSDP2 | tokens/GPU | sequence | step s | tokens/s | peak GiB/GPU | weak-scaling eff. | status |",
+             "| GPUs | mode | FSDP2 | tokens/GPU | sequence | step s | tokens/s | peak GiB/GPU | weak-scaling eff. "
+             "| status |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("kind") == "step":

@@ -32,7 +32,7 @@ class PackedDataset(torch.utils.data.Dataset):
         self.sequences = tokens[: n * seq_len].to(torch.int32).view(n, seq_len)  # [N, S]
 
     @classmethod
-    def from_texts(cls, texts, tokenizer, seq_len: int) -> "PackedDataset":
+    def from_texts(cls, texts, tokenizer, seq_len: int) -> PackedDataset:
         ids = [torch.tensor(tokenizer.encode(t, add_eos=True), dtype=torch.int32) for t in texts]
         if not ids:
             raise ValueError("from_texts got no texts")
@@ -44,7 +44,7 @@ class PackedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i) -> Tensor:
         return self.sequences[i].long()
 
-    def split(self, eval_fraction: float) -> tuple["PackedDataset", "PackedDataset"]:
+    def split(self, eval_fraction: float) -> tuple[PackedDataset, PackedDataset]:
         """(train, eval): the last ``ceil(eval_fraction * len)`` sequences are held out."""
         n_eval = math.ceil(eval_fraction * len(self))
         if not 0 < eval_fraction < 1 or not 0 < n_eval < len(self):

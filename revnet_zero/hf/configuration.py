@@ -56,7 +56,7 @@ class RevNetZeroConfig(PretrainedConfig):
         super().__init__(tie_word_embeddings=resolved.tie_embeddings, **kwargs)
 
     @classmethod
-    def from_transformer_config(cls, config: TransformerConfig, **kwargs) -> "RevNetZeroConfig":
+    def from_transformer_config(cls, config: TransformerConfig, **kwargs) -> RevNetZeroConfig:
         """The fields of ``config``; ``kwargs`` are Hugging Face keywords (``bos_token_id``, ...)."""
         if not isinstance(config, TransformerConfig):
             raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")

@@ -129,7 +129,8 @@ class ReversibleTransformerJAX(nn.Module):
         def blocks_init(key):
             k = jax.random.split(key, 6)
             ones = jnp.ones((L, D), jnp.float32)
-            return {"attn": {"norm": ones, "wq": normal(k[0], (L, D, D)), "wk": normal(k[1], (L, D, c.num_kv_heads * hd)),
+            kv = c.num_kv_heads * hd
+            return {"attn": {"norm": ones, "wq": normal(k[0], (L, D, D)), "wk": normal(k[1], (L, D, kv)),
                              "wv": normal(k[2], (L, D, c.num_kv_heads * hd)),
                              "wo": out_std * jax.random.normal(k[3], (L, D, D))},
                     "ffn": {"norm": ones, "w_in": normal(k[4], (L, D, w_in)),
@@ -217,7 +218,8 @@ def check_ids(input_ids, vocab_size: int, max_seq_len: int) -> None:
     shape = getattr(input_ids, "shape", None)
     dtype = getattr(input_ids, "dtype", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
-        raise TypeError(f"input_ids must be an integer array, got {dtype if dtype is not None else type(input_ids).__name__}")
+        got = dtype if dtype is not None else type(input_ids).__name__
+        raise TypeError(f"input_ids must be an integer array, got {got}")
     if len(shape) != 2 or 0 in shape:
         raise ValueError(f"input_ids must be [B, S] with B, S >= 1, got shape {tuple(shape)}")
     if shape[1] > max_seq_len:

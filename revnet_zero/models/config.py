@@ -146,7 +146,7 @@ class TransformerConfig:
         return self.d_model // self.num_heads
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "TransformerConfig":
+    def preset(cls, name: str, **overrides) -> TransformerConfig:
         """A named shape (``PRESETS``: 'tiny', 'S', 'M', 'llama8b', and 'S-sliding_window', 'S-hierarchical',
         'S-rational_fourier') with fields replaced by ``overrides``."""
         if name not in PRESETS:

@@ -26,8 +26,8 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, 
     Returns a scalar: the mean over non-ignored targets (``nan`` if all are ignored, as in
     ``F.cross_entropy``) or their sum. Under autocast the two matmuls run in the autocast dtype. The
     softmax, the loss and the head gradient accumulate in float32, or in float64 when the inputs are
-    float64 (so a float64 model keeps float64 gradients end to end). The gradients are computed in forward, so a second backward through the same
-    call (``retain_graph=True``) raises.
+    float64 (so a float64 model keeps float64 gradients end to end). The gradients are computed in
+    forward, so a second backward through the same call (``retain_graph=True``) raises.
 
     Example::
 

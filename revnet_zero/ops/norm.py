@@ -2,11 +2,12 @@
 
 ``nn.RMSNorm`` on a float32 stream under bf16 autocast produces a float32 output that the next matmul
 casts to bf16; autograd keeps both the float32 normalised tensor (for the weight's gradient) and the
-bf16 copy, 6 bytes per element beside the stream. ``rms_norm_cast`` computes in float32 (float64 for float64 input) a row chunk at a
-time, writes the low-precision output directly, and saves the input (the stream, alive anyway) and
-one float32 per row; backward recomputes the normalised rows. Same arithmetic as ``nn.RMSNorm`` in
-float32 (``x * rsqrt(mean(x^2) + eps) * w``), then one rounding to the output dtype. On CUDA, where
-PyTorch's fused RMSNorm kernel keeps the same two tensors, that kernel is used (fewer launches).
+bf16 copy, 6 bytes per element beside the stream. ``rms_norm_cast`` computes in float32 (float64 for
+float64 input) a row chunk at a time, writes the low-precision output directly, and saves the input (the
+stream, alive anyway) and one float32 per row; backward recomputes the normalised rows. Same arithmetic
+as ``nn.RMSNorm`` in float32 (``x * rsqrt(mean(x^2) + eps) * w``), then one rounding to the output dtype.
+On CUDA, where PyTorch's fused RMSNorm kernel keeps the same two tensors, that kernel is used (fewer
+launches).
 """
 from __future__ import annotations
 
