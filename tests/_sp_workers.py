@@ -104,6 +104,10 @@ def sp_refusals_worker(rank: int, world: int) -> dict:
         "mode": lambda: enable_sequence_parallel(build(), mode="ring"),
         "generate": lambda: model.eval().generate(ids[:, :4], max_new_tokens=2),
         "variant": lambda: enable_sequence_parallel(build(attention="sliding_window", attention_window=4)),
+        # each rank its own batch (a data loader per rank): once trained on a mix of sequences silently
+        "different ids": lambda: model.train()(torch.full((1, SEQ), rank, dtype=torch.long)),
+        "different labels": lambda: model(batch()[0], labels=batch()[1].roll(rank, dims=1)),
+        "different lengths": lambda: model(batch()[0][:, :SEQ - 2 * rank]),
     }.items():
         try:
             fn()

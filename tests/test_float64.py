@@ -9,21 +9,32 @@ largest gradient entry; the bound is 1e-8 of it (100x margin). A loss accumulate
 import pytest
 import torch
 
-from revnet_zero.models import ReversibleGPT, ReversibleBERT, TransformerConfig
+from revnet_zero.models import ReversibleBERT, ReversibleGPT, TransformerConfig
 
 H = 1e-5
 
 
-def tiny64(cls, causal):
+def tiny64(cls, causal, **attention):
     torch.manual_seed(0)
     cfg = TransformerConfig(vocab_size=23, num_layers=3, d_model=16, num_heads=2, num_kv_heads=1, d_ff=24,
-                            max_seq_len=8, causal=causal, stream_dtype=None, loss_chunk_size=5)
+                            max_seq_len=8, causal=causal, stream_dtype=None, loss_chunk_size=5, **attention)
     return cls(cfg).double()
 
 
-@pytest.mark.parametrize("cls, causal", [(ReversibleGPT, True), (ReversibleBERT, False)])
-def test_whole_model_gradient_matches_central_differences(cls, causal):
-    model = tiny64(cls, causal)
+VARIANTS = {"softmax": {}, "sliding_window": {"attention_window": 3},
+            "hierarchical": {"local_window": 2, "hierarchy_levels": 2, "compression_ratios": (2, 4)},
+            # the random-feature sums once ran in float32 whatever the input: errors ~1e-3, not 1e-10
+            "rational_fourier_gaussian": {"attention": "rational_fourier", "rf_num_features": 8},
+            "rational_fourier_cauchy": {"attention": "rational_fourier", "rf_kernel": "cauchy", "rf_num_features": 8}}
+
+
+@pytest.mark.parametrize("cls, causal, variant", [(ReversibleGPT, True, "softmax"), (ReversibleBERT, False, "softmax")]
+                         + [(ReversibleGPT, True, v) for v in VARIANTS if v != "softmax"])
+def test_whole_model_gradient_matches_central_differences(cls, causal, variant):
+    attention = dict(VARIANTS[variant])
+    if variant != "softmax":
+        attention.setdefault("attention", variant)
+    model = tiny64(cls, causal, **attention)
     ids = torch.randint(0, 23, (2, 7), generator=torch.Generator().manual_seed(1))
     labels = None if causal else ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator()
                                                             .manual_seed(2)) < 0.5, -100)

@@ -310,3 +310,13 @@ def test_core_imports_without_jax_and_the_port_names_the_extra():
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "pip install 'revnet-zero[jax]'" in r.stdout
+
+
+@pytest.mark.parametrize("attention", ["sliding_window", "hierarchical", "rational_fourier"])
+def test_attention_variants_are_refused_not_built_as_exact_attention(attention):
+    # the variants have exact attention's weights: a silently exact JAX model would load them and
+    # give other outputs past the window
+    cfg = TransformerConfig.preset("tiny", attention=attention, attention_window=8, local_window=8,
+                                   hierarchy_levels=2, compression_ratios=(2, 4))
+    with pytest.raises(ValueError, match=f"attention='softmax' only, got '{attention}'"):
+        ReversibleTransformerJAX.from_config(cfg)

@@ -162,3 +162,12 @@ def test_fp16_gradients_that_stay_non_finite_whatever_the_scale_stop_the_run():
         trainer.train(train_dataset=train_data(), num_steps=10)
     assert trainer.skipped_steps == 3
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_last_good_checkpoint_is_the_highest_step_past_six_digits(tmp_path):
+    # folder names sort as text: "step-1000000" < "step-999999"; the newest is the highest step number
+    model = tiny()
+    for step in (999_999, 1_000_000):
+        save_checkpoint(tmp_path, step, model, {"step": step}, keep=2)
+    assert latest_checkpoint(tmp_path).name == "step-1000000"
+    assert last_good_checkpoint(tmp_path).name == "step-1000000"

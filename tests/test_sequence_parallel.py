@@ -69,6 +69,9 @@ def test_bad_configurations_are_refused_with_the_values():
     assert "'ring'" in messages["mode"]
     assert "disable_sequence_parallel" in messages["generate"]
     assert "SlidingWindowAttention" in messages["variant"] and "softmax" in messages["variant"]
+    assert "rank 0 of 2 got input_ids (1, 24)" in messages["different ids"]
+    assert "must pass the same full batch" in messages["different labels"]
+    assert "got input_ids (2, 24)" in messages["different lengths"]
 
 
 @pytest.fixture(scope="module")

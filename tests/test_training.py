@@ -226,6 +226,20 @@ def test_long_context_trainer_switches_attention_keeping_weights(kwargs, attenti
         LongContextTrainer(model, max_length=32, **other, **fast())
 
 
+
+@pytest.mark.parametrize("kwargs", [{"attention_window_size": 8}, {"use_linear_attention_approximation": True}])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_switched_attention_keeps_the_models_dtype(kwargs, dtype):
+    # the new attention modules were built in float32: a float64 model then ran attention in float32
+    from revnet_zero.training.attention_options import apply_attention_options
+    model = tiny().to(dtype)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.warns(UserWarning, match="replaced exact attention"):
+        apply_attention_options(model, kwargs.get("attention_window_size"),
+                                kwargs.get("use_linear_attention_approximation", False))
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
 def test_resuming_with_another_kind_of_data_is_refused(tmp_path):
     train, _ = data()
     loader = [torch.stack([train[i], train[i + 1]]) for i in range(0, 8, 2)]

@@ -63,6 +63,20 @@ class SequenceParallel:
         n = length // self.size
         return slice(self.rank * n, (self.rank + 1) * n)
 
+    def check_same_batch(self, input_ids: Tensor, targets: Tensor | None = None) -> None:
+        """ValueError unless every rank of the group passed the same ``[B, S]`` ids (and loss targets):
+        each rank would otherwise compute its shard of a different sequence, and the loss would silently
+        mix them. Compares fingerprints (shape, sum, position-weighted sum) in one all-reduce of 16 ints."""
+        fp = torch.cat([_fingerprint(input_ids), _fingerprint(targets) if targets is not None
+                        else torch.zeros(4, dtype=torch.int64, device=input_ids.device)])
+        extreme = torch.cat([fp, -fp])
+        dist.all_reduce(extreme, op=dist.ReduceOp.MAX, group=self.group)
+        if not torch.equal(extreme[:8], -extreme[8:]):   # the largest and the smallest differ somewhere
+            raise ValueError(f"sequence parallelism: rank {self.rank} of {self.size} got input_ids "
+                             f"{tuple(input_ids.shape)} (or labels, attention_mask) that differ from another "
+                             "rank's; every rank of the group must pass the same full batch (each computes "
+                             "only its own positions of it)")
+
     def check_heads(self, num_heads: int) -> None:
         if self.mode == "all_to_all" and num_heads % self.size:
             raise ValueError(f"all_to_all sequence parallelism splits the {num_heads} attention heads over "
@@ -74,6 +88,14 @@ class SequenceParallel:
         t = t.detach().clone()
         dist.all_reduce(t, group=self.group)
         return t
+
+
+def _fingerprint(t: Tensor) -> Tensor:
+    """[B, S, sum, position-weighted sum] of an integer ``[B, S]`` tensor, int64 on its device (no host sync)."""
+    flat = t.reshape(-1).to(torch.int64)
+    weights = torch.arange(1, flat.numel() + 1, device=t.device, dtype=torch.int64)
+    shape = torch.tensor([t.shape[0], t.shape[-1]], dtype=torch.int64, device=t.device)
+    return torch.cat([shape, flat.sum()[None], (flat * weights).sum()[None]])
 
 
 def enable_sequence_parallel(model: torch.nn.Module, group: dist.ProcessGroup | None = None,

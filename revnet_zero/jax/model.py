@@ -114,6 +114,7 @@ class ReversibleTransformerJAX(nn.Module):
     def from_config(cls, config: TransformerConfig, **options) -> ReversibleTransformerJAX:
         """The JAX model of a PyTorch ``TransformerConfig``; ``options``: the JAX-only fields."""
         unsupported = {"coupling": ("additive", config.coupling), "causal": (True, config.causal),
+                       "attention": ("softmax", config.attention),
                        "attention_dropout": (0.0, config.attention_dropout)}
         for name, (want, got) in unsupported.items():
             if got != want:

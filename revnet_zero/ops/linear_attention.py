@@ -4,7 +4,7 @@
 chunks of ``C`` positions: inside a chunk the sum is a masked ``[C, C]`` product; across chunks it is
 the running state ``sum_j k_j v_j^T`` (``[m, dv]``), an exclusive prefix sum over chunks. Cost
 ``O(S * C * (m + dv) + S * m * dv)``, memory ``O(S / C * m * dv)`` for the chunk states. Everything
-runs in float32, whatever the inputs' dtype (sums of many small products lose too much in bf16).
+runs in float32 at least (sums of many small products lose too much in bf16); float64 inputs stay float64.
 Normalisation (dividing by ``q_i . sum_{j <= i} k_j``) is the caller's: append a ones column to v.
 """
 from __future__ import annotations
@@ -12,6 +12,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def accumulation_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32, or float64 when any input is float64 (a float64 model must stay float64 end to end)."""
+    dt = torch.float32
+    for t in tensors:
+        dt = torch.promote_types(dt, t.dtype)
+    return dt
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -45,7 +53,8 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, chunk_size: int) -> Tensor:
     C = min(chunk_size, S)
     N = -(-S // C)
     pad = N * C - S
-    qf, kf, vf = (F.pad(t.float(), (0, 0, 0, pad)).view(B, H, N, C, t.shape[-1]) for t in (q, k, v))
+    dt = accumulation_dtype(q, k, v)
+    qf, kf, vf = (F.pad(t.to(dt), (0, 0, 0, pad)).view(B, H, N, C, t.shape[-1]) for t in (q, k, v))
     # across chunks: state before chunk n = sum of k^T v over chunks < n (exclusive prefix sum)
     kv = kf.transpose(-1, -2) @ vf                                        # (B, H, N, m, dv)
     # (cumsum then minus kv would let chunk n's own k, v into its state through rounding)
@@ -62,12 +71,14 @@ def causal_linear_attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor
     """The same sum through an explicit ``[S, S]`` lower-triangular score matrix (float32): for tests."""
     _check(q, k, v)
     S = q.shape[2]
-    scores = q.float() @ k.float().transpose(-1, -2)                     # (B, H, S, S)
+    dt = accumulation_dtype(q, k, v)
+    scores = q.to(dt) @ k.to(dt).transpose(-1, -2)                       # (B, H, S, S)
     mask = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
-    return (scores.masked_fill(~mask, 0.0) @ v.float()).to(v.dtype)
+    return (scores.masked_fill(~mask, 0.0) @ v.to(dt)).to(v.dtype)
 
 
 def linear_attention_state(k: Tensor, v: Tensor) -> Tensor:
     """``sum_j k_j v_j^T`` over all positions: ``[B, H, S, m]``, ``[B, H, S, dv]`` -> ``[B, H, m, dv]`` float32
     (the decoding state after a prompt)."""
-    return k.float().transpose(-1, -2) @ v.float()
+    dt = accumulation_dtype(k, v)
+    return k.to(dt).transpose(-1, -2) @ v.to(dt)

@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-from .linear_attention import causal_linear_attention
+from .linear_attention import accumulation_dtype, causal_linear_attention
 
 KERNELS = ("gaussian", "laplacian", "cauchy")
 POSITIVE = {"gaussian": True, "laplacian": False, "cauchy": False}
@@ -57,10 +57,12 @@ def draw_frequencies(kernel: str, num_features: int, dim: int, generator: torch.
 
 
 def feature_map(x: Tensor, w: Tensor, kernel: str) -> Tensor:
-    """``x`` ``[..., d]`` -> features ``[..., m]`` in float32 with ``phi(x) . phi(y) ~ K(x, y)`` (autocast
-    off: a bf16 projection would put percent-level errors into the exponentials)."""
+    """``x`` ``[..., d]`` -> features ``[..., m]`` in float32 (float64 for float64 input) with
+    ``phi(x) . phi(y) ~ K(x, y)`` (autocast off: a bf16 projection would put percent-level errors into
+    the exponentials)."""
     with torch.autocast(x.device.type, enabled=False):
-        return _features(x.float(), w.float(), kernel)
+        dt = accumulation_dtype(x, w)
+        return _features(x.to(dt), w.to(dt), kernel)
 
 
 def _features(xf: Tensor, w: Tensor, kernel: str) -> Tensor:
@@ -96,12 +98,17 @@ def _expand(t: Tensor, heads: int) -> Tensor:
     return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
 
 
+def _with_ones(v: Tensor) -> Tensor:
+    """``[..., hd]`` -> ``[..., hd + 1]``: the ones column that carries the normaliser through the sums."""
+    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
+
+
 def rf_attention(q: Tensor, k: Tensor, v: Tensor, w: Tensor, kernel: str, chunk_size: int = 64) -> Tensor:
     """Causal random-feature attention: q ``[B, H, S, hd]``, k, v ``[B, Hkv, S, hd]`` -> ``[B, H, S, hd]``."""
     H = q.shape[1]
     fq = query_features(scaled(q), w, kernel)
     fk = feature_map(scaled(_expand(k, H)), w, kernel)
-    v1 = torch.cat([_expand(v, H).float(), v.new_ones(*v.shape[:1], H, v.shape[2], 1, dtype=torch.float32)], -1)
+    v1 = _with_ones(_expand(v, H).to(fk.dtype))
     out = causal_linear_attention(fq, fk, v1, chunk_size)
     return (out[..., :-1] / out[..., -1:].clamp_min(DENOM_EPS)).to(q.dtype)
 
@@ -112,13 +119,13 @@ def rf_attention_reference(q: Tensor, k: Tensor, v: Tensor, w: Tensor, kernel: s
     fq = query_features(scaled(q), w, kernel)
     fk = feature_map(scaled(_expand(k, H)), w, kernel)
     a = (fq @ fk.transpose(-1, -2)) * torch.ones(S, S, device=q.device).tril()
-    return ((a @ _expand(v, H).float()) / (a.sum(-1, keepdim=True)).clamp_min(DENOM_EPS)).to(q.dtype)
+    return ((a @ _expand(v, H).to(a.dtype)) / (a.sum(-1, keepdim=True)).clamp_min(DENOM_EPS)).to(q.dtype)
 
 
 def rf_state(k: Tensor, v: Tensor, w: Tensor, kernel: str, heads: int) -> Tensor:
     """The decoding state after keys/values ``[B, Hkv, S, hd]``: ``sum_j phi(k_j) [v_j, 1]^T`` ``[B, H, m, hd + 1]``."""
     fk = feature_map(scaled(_expand(k, heads)), w, kernel)
-    v1 = torch.cat([_expand(v, heads).float(), torch.ones(*fk.shape[:3], 1, device=v.device)], -1)
+    v1 = _with_ones(_expand(v, heads).to(fk.dtype))
     with torch.autocast(k.device.type, enabled=False):
         return fk.transpose(-1, -2) @ v1
 

@@ -54,7 +54,7 @@ def _swap(model: nn.Module, config: TransformerConfig) -> None:
     for i, block in enumerate(model.blocks.blocks):
         old = block.coupling.f
         new = build_attention(config, old.wo.out_features // config.d_model, i)
-        new.to(device=old.wo.weight.device)
+        new.to(device=old.wo.weight.device, dtype=old.wo.weight.dtype)   # a float64 or bf16 model stays so
         missing, unexpected = new.load_state_dict(old.state_dict(), strict=False)
         if unexpected or set(missing) - {"frequencies"}:
             raise RuntimeError(f"block {i}: attention weights do not carry over (missing {missing}, "

@@ -297,7 +297,7 @@ def last_good_checkpoint(root) -> Path | None:
     """The newest checkpoint under ``root`` whose files match their checksums and whose weights are
     finite, or None."""
     root = Path(root)
-    for path in sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True):
+    for path in sorted((p for p in root.glob("step-*") if p.is_dir()), key=_step_number, reverse=True):
         if not (path / CHECKSUMS).exists():
             continue
         try:
@@ -306,6 +306,12 @@ def last_good_checkpoint(root) -> Path | None:
             continue
         return path
     return None
+
+
+def _step_number(path: Path) -> int:
+    """The step of a ``step-N`` folder: names sort as text, and "step-1000000" < "step-999999"."""
+    digits = path.name.removeprefix("step-")
+    return int(digits) if digits.isdigit() else -1
 
 
 def latest_checkpoint(root) -> Path | None:
