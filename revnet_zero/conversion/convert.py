@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .bdia import BDIALayer
 from .grid import gamma_bits
-from .reference import BDIAReferenceLayer
+from .bdia_reference import BDIAReferenceLayer
 from .rmsnorm import lean_rmsnorm, plain_rmsnorm
 from .tiling import check_chunk, tile_mlp, untile_mlp
 from .two_stream import TwoStreamLayer

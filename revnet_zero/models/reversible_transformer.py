@@ -12,8 +12,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..couplings import make_coupling
 from ..engine import ReversibleBlock, ReversibleSequence
-from ..layers.coupling_layers import make_coupling
 from ..layers.reversible_attention import KVCache, SelfAttention
 from ..layers.reversible_ffn import FeedForward
 from ..ops.limits import check_int32_numel
@@ -31,7 +31,7 @@ def build_block(config: TransformerConfig) -> ReversibleBlock:
     c = make_coupling(config.coupling)
     attn = SelfAttention(config.d_model, config.num_heads, config.num_kv_heads, config.causal,
                          config.rope_theta, config.attention_dropout, config.dropout, config.norm_eps,
-                         out_multiplier=c.out_multiplier)
+                         out_multiplier=c.out_multiplier, sdpa_backend=config.attention_backend)
     activation, gated = FFN_ACTIVATION[config.ffn]
     ffn = FeedForward(config.d_model, config.d_ff, activation, gated, config.dropout, config.norm_eps,
                       out_multiplier=c.out_multiplier, seq_chunk=config.ffn_chunk_size)

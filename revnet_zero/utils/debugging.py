@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine import ReversibleBlock
-from ..reference import reference_block
+from ..plain_reference import reference_block
 
 
 def _rel_err(a: Tensor | None, b: Tensor | None) -> float:
