@@ -137,6 +137,7 @@ class _ReversibleFunction(torch.autograd.Function):
             reverse = _reverse_steps if isinstance(ctx.block.coupling, StepCoupling) else _reverse_generic
             dx1, dx2, grads = reverse(ctx, [dy1, dy2], d_owned, alias)
         pgrads = [grads.get(id(alias[id(p)])) if id(p) in alias else None for p in ctx.params]
+        ctx.block._leaves_checked = True
         if not keep_graph():
             ctx.store.clear()  # kept attention is used once per backward
         if ctx.run_starts:
@@ -148,6 +149,29 @@ class _ReversibleFunction(torch.autograd.Function):
             if ctx.private_in:
                 tape.handed = [weakref.ref(t) if own else None for t, own in zip((dx1, dx2), d_owned)]
         return (None, None, None, None, dx1, dx2, *pgrads)
+
+
+def _check_leaves(ctx, outs: list[Tensor], alias: dict, inputs: list[Tensor]) -> None:
+    """On a block's first backward, refuse a recompute whose graph reaches a tensor that requires
+    grad but is neither a stream nor held by the block (a parameter reached through a closure or a
+    plain attribute): the Function was not given it, so it would silently get no gradient."""
+    if getattr(ctx.block, "_leaves_checked", False):
+        return
+    known = {id(t) for t in (*alias.values(), *inputs, *ctx.held.parameters())}
+    seen, todo = set(), [o.grad_fn for o in outs]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)
+        if leaf is not None and id(leaf) not in known:
+            raise RuntimeError(
+                f"block {ctx.index} ({type(ctx.block).__name__}) uses a tensor of shape {tuple(leaf.shape)} that "
+                "requires grad but is not held by its coupling (a parameter reached through a closure or a "
+                "plain attribute?): it would get no gradient from the reversible backward. Register the "
+                "module that holds it under the coupling")
+        todo.extend(n for n, _ in node.next_functions)
 
 
 def _refuse_unreplayable_randomness(before, device: torch.device, index: int) -> None:
@@ -190,6 +214,7 @@ def _reverse_steps(ctx, d: list[Tensor], d_owned: list[bool], alias: dict):
                 with torch.enable_grad():
                     xin = s[src][t].detach().requires_grad_()
                     h = fn(xin, **kwargs)
+                    _check_leaves(ctx, [h], alias, [xin])
                 with torch.no_grad():
                     hd, dy = h.detach(), d[dst][t]
                     x = c.separate(s[dst][t], hd, inplace=True)
@@ -220,6 +245,7 @@ def _reverse_generic(ctx, d: list[Tensor], d_owned: list[bool], alias: dict):
     with torch.enable_grad(), restored_rng(ctx.rng[0], ctx.device):
         x1r, x2r = x1.detach().requires_grad_(), x2.detach().requires_grad_()
         o1, o2 = c(x1r, x2r, **kwargs)
+    _check_leaves(ctx, [o1, o2], alias, [x1r, x2r])
     leaves = list(alias.values())
     outs = [(o, g) for o, g in ((o1, d[0]), (o2, d[1])) if o.requires_grad]
     gs = torch.autograd.grad([o for o, _ in outs], [x1r, x2r, *leaves], [g for _, g in outs],

@@ -190,3 +190,34 @@ def test_hooks_that_modify_outputs_in_place_or_pass_views_on():
     plain = _store(stack)
     want = torch.autograd.grad(_loss(plain(x), w), [x, *plain.parameters()])
     assert max(rel_err(a, b) for a, b in zip(got, want)) <= 1e-6
+
+
+def test_a_parameter_held_outside_the_block_is_refused():
+    """A sub-function that reaches a parameter through a closure runs with it, but the block cannot
+    hand it a gradient (before: it silently got none). Found on the block's first backward."""
+    outside = torch.nn.Linear(8, 8)
+
+    class Closure(torch.nn.Module):
+        def forward(self, x):
+            return outside(x)
+
+    for c in (AdditiveCoupling(Closure(), MLP(8)), AdditiveCoupling(MLP(8), Closure())):
+        stack = ReversibleSequence([c])
+        y1, y2 = stack(torch.randn(2, 4, 8, requires_grad=True))
+        with pytest.raises(RuntimeError, match="not held by its coupling"):
+            (y1 * y2).sum().backward()
+    assert outside.weight.grad is None
+
+
+def test_frozen_and_unrequested_parameters_are_not_foreign():
+    """Parameters of the block that are frozen, or not asked for by autograd.grad, are its own."""
+    torch.manual_seed(7)
+    stack = ReversibleSequence([coupling(kind, 8) for kind in ("additive", "custom")])
+    stack.blocks[0].coupling.f.net[1].weight.requires_grad_(False)
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    y1, y2 = stack(x)
+    (gx,) = torch.autograd.grad((y1 * y2).sum(), [x])
+    plain = _store(stack)
+    r1, r2 = plain(x)
+    (want,) = torch.autograd.grad((r1 * r2).sum(), [x])
+    assert rel_err(gx, want) <= 1e-6
