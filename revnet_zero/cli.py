@@ -28,9 +28,36 @@ TRAIN_DEFAULTS = {"data": None, "pattern": "**/*.txt", "tokenizer": "byte", "pre
                   "eval_every": 200, "save_every": 200, "device": None, "seed": 0}
 
 
+# what a command may fail with and report as one error: line (anything else is a bug: traceback)
+USER_ERRORS = (ValueError, TypeError, FloatingPointError, ImportError, OSError)
+
+# `revnet-zero bench` with no task flag runs this sweep; the runner's own tasks are these flags
+BENCH_DEFAULT_MODES = "standard,full_ac,revnet_zero"
+BENCH_TASKS = ("--modes", "--sdpa-backends", "--check-grads", "--max-context")
+BENCH_MODE_FLAGS = ("--modes", "--grad-modes", "--max-context")
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg="red", err=True)
     raise typer.Exit(1)
+
+
+def _describe(e: Exception) -> str:
+    """One line for a user error; an OSError says which file when it knows."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror + (f": {e.filename}" if e.filename else "")
+    return str(e)
+
+
+def _check_out_dir(path) -> None:
+    """Create ``path`` and write a file there now, so a bad --out-dir fails before training starts."""
+    import tempfile
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write to the output folder {path}: {e.strerror or e}") from None
 
 
 @app.command()
@@ -49,10 +76,11 @@ def demo(minutes: Annotated[float, typer.Option(help="training time budget")] = 
     memory with standard training; save a loss plot and a checkpoint; print a sample."""
     from .demo import run_demo
     try:
+        _check_out_dir(out_dir)
         run_demo(out_dir, minutes=minutes, steps=steps, num_layers=layers, d_model=d_model, num_heads=heads,
                  seq_len=seq_len, batch_size=batch_size, device=device, seed=seed, echo=typer.echo)
-    except (ValueError, FloatingPointError, FileNotFoundError, ImportError) as e:
-        _fail(str(e))
+    except USER_ERRORS as e:
+        _fail(_describe(e))
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -105,8 +133,20 @@ def run_train(opts: dict, echo=print) -> dict:
     """``revnet-zero train`` with the options already merged."""
     from .data import PackedDataset, load_tokenizer
     from .models import ReversibleGPT, TransformerConfig
-    from .training import Trainer
+    from .training import Trainer, TrainingConfig
+    from .training.trainer import resolve_device
 
+    # everything that can be checked before the data and the model are built, is
+    resolve_device(opts["device"])
+    TrainingConfig(lr=opts["lr"], batch_size=opts["batch_size"], precision=opts["precision"],
+                   gradient_accumulation_steps=opts["grad_accum"], save_every=opts["save_every"],
+                   out_dir=opts["out_dir"], seed=opts["seed"])
+    for name in ("steps", "seq_len"):
+        if isinstance(opts[name], bool) or not isinstance(opts[name], int) or opts[name] < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {opts[name]!r}")
+    if not (isinstance(opts["eval_fraction"], (int, float)) and 0 <= opts["eval_fraction"] < 1):
+        raise ValueError(f"--eval-fraction must be in [0, 1), got {opts['eval_fraction']!r}")
+    _check_out_dir(opts["out_dir"])
     tok = load_tokenizer(opts["tokenizer"])
     corpus = _load_corpus(opts)
     if corpus.skipped:
@@ -150,21 +190,57 @@ def train(data: Annotated[Optional[str], typer.Option(help="text file, folder, o
         opts = {**TRAIN_DEFAULTS, **(_read_config(config) if config else {}), **flags}
         opts["model"] = {**opts["model"], **_parse_overrides(set_ or [])}
         run_train(opts, echo=typer.echo)
-    except (ValueError, TypeError, FloatingPointError, FileNotFoundError, ImportError) as e:
-        _fail(str(e))
+    except USER_ERRORS as e:
+        _fail(_describe(e))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
 def bench(ctx: typer.Context):
-    """Run the benchmark suite (``revnet_zero.benchmarks``); extra arguments are passed on to it."""
+    """Run the benchmark runner; extra arguments are passed on to it (--help lists them). With no task
+    (--modes, --sdpa-backends, --check-grads, --max-context) it sweeps the modes standard, full_ac and
+    revnet_zero."""
     try:
         from . import benchmarks
     except ImportError as e:
         _fail(f"the benchmarks are not available in this install ({e})")
     runner = getattr(benchmarks, "main", None)
     if runner is None:
-        _fail("revnet_zero.benchmarks has no main() runner yet")
-    raise typer.Exit(runner(list(ctx.args)) or 0)
+        _fail("this install's revnet_zero.benchmarks has no main() runner")
+    args = list(ctx.args)
+    try:
+        args = _bench_args(args, typer.echo)
+    except ValueError as e:
+        _fail(str(e))
+    # argparse names its program after sys.argv[0]: make its usage line read "revnet-zero bench"
+    argv0, sys.argv[0] = sys.argv[0], ctx.command_path
+    try:
+        status = runner(args)
+    finally:
+        sys.argv[0] = argv0
+    raise typer.Exit(status or 0)
+
+
+def _flag_values(args: list[str], flag: str) -> list[str]:
+    """Values given to ``flag`` in ``args``, as ``--flag value`` or ``--flag=value``."""
+    out = [v.split("=", 1)[1] for v in args if v.startswith(flag + "=")]
+    return out + [args[i + 1] for i, v in enumerate(args[:-1]) if v == flag]
+
+
+def _bench_args(args: list[str], echo) -> list[str]:
+    """The runner's arguments: the default sweep added when no task is asked for; every mode name
+    checked, so a typo is one error line instead of a traceback after the model is built."""
+    if any(a in ("-h", "--help") for a in args):
+        return args
+    if not any(a == f or a.startswith(f + "=") for a in args for f in BENCH_TASKS):
+        echo(f"no task given: running --modes {BENCH_DEFAULT_MODES} (see revnet-zero bench --help)")
+        args = [*args, "--modes", BENCH_DEFAULT_MODES]
+    from .benchmarks.modes import check_mode
+    for flag in BENCH_MODE_FLAGS:
+        for value in _flag_values(args, flag):
+            for mode in (m.strip() for m in value.split(",") if m.strip()):
+                if not (flag == "--modes" and mode == "all"):
+                    check_mode(mode)
+    return args
 
 
 @app.command()
@@ -177,12 +253,15 @@ def profile(preset: str = "tiny",
 
     from .models import ReversibleGPT, TransformerConfig
     from .training import compare_policies, saved_bytes
+    from .training.trainer import resolve_device
     try:
+        dev = resolve_device(device)
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"--batch-size and --seq-len must be >= 1, got {batch_size} and {seq_len}")
         overrides = {"max_seq_len": seq_len, **_parse_overrides(set_ or [])}
         model = ReversibleGPT(TransformerConfig.preset(preset, **overrides))
     except (ValueError, TypeError) as e:
         _fail(str(e))
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev)
     ids = torch.randint(model.config.vocab_size, (batch_size, seq_len), device=dev)
     rows = {}
@@ -202,7 +281,7 @@ def profile(preset: str = "tiny",
 
 
 def main() -> None:
-    app()
+    app(prog_name="revnet-zero")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 from .data import ByteTokenizer, PackedDataset, TextCorpus, read_texts
 from .models import ReversibleGPT, TransformerConfig
 from .training import Trainer, compare_policies
+from .training.trainer import resolve_device
 
 MiB = 2 ** 20
 
@@ -44,7 +45,7 @@ def plot_losses(history: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    train = [(h["step"], h["loss"]) for h in history if h.get("loss") is not None]
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     ax.plot(*zip(*train), label="train")
     if evals:
@@ -111,10 +112,10 @@ def run_demo(out_dir="revnet-zero-demo", minutes: float = 3.0, steps: int | None
     given, else when ``minutes`` are up (the step count for the lr schedule is estimated from a
     timed step)."""
     t_start = time.perf_counter()
+    dev = resolve_device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)  # the trainer appends; a new demo starts a new file
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     tok = ByteTokenizer()
     train_set, eval_set = _demo_data(tok, seq_len, seed, echo)

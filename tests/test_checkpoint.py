@@ -85,10 +85,15 @@ def test_truncated_files_give_a_clear_error(tmp_path):
     path = save_checkpoint(tmp_path, 1, tiny(), {"step": 1, "x": torch.ones(1000)})
     weights, state = path / "model.safetensors", path / "trainer.pt"
     state.write_bytes(state.read_bytes()[:200])
-    with pytest.raises(ValueError, match=r"cannot read trainer state .*trainer\.pt.*truncated"):
+    with pytest.raises(ValueError, match=r"checksum mismatch in .*trainer\.pt"):
+        load_checkpoint(tmp_path, tiny())
+    (path / "checksums.json").unlink()  # a checkpoint from before checksums: the readers still say why
+    with pytest.warns(UserWarning, match="not verified"), \
+            pytest.raises(ValueError, match=r"cannot read trainer state .*trainer\.pt.*truncated"):
         load_checkpoint(tmp_path, tiny())
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(ValueError, match=r"cannot read weights .*model\.safetensors.*truncated"):
+    with pytest.warns(UserWarning, match="not verified"), \
+            pytest.raises(ValueError, match=r"cannot read weights .*model\.safetensors.*truncated"):
         load_checkpoint(tmp_path, tiny())
 
 
@@ -106,3 +111,76 @@ def test_checkpoint_of_another_architecture_names_tensor_and_both_shapes(tmp_pat
 def test_loading_from_a_folder_without_checkpoint_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_checkpoint(tmp_path, tiny())
+
+
+def _trainer_checkpoint(tmp_path, model):
+    from revnet_zero.training import Trainer
+    trainer = Trainer(model, progress=False, out_dir=str(tmp_path))
+    return trainer, trainer.save()
+
+
+def test_a_checkpoint_of_another_configuration_with_the_same_shapes_is_refused(tmp_path):
+    from revnet_zero.models import ReversibleBERT
+    from revnet_zero.training import Trainer
+    _trainer_checkpoint(tmp_path, tiny(rope_theta=10000.0, ffn="swiglu"))
+    other = tiny(seed=1, rope_theta=500000.0, ffn="geglu")   # same tensors, other model
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    trainer = Trainer(other, progress=False)
+    with pytest.raises(ValueError, match=r"another model configuration: ffn: checkpoint 'swiglu', model 'geglu'; "
+                                         r"rope_theta: checkpoint 10000.0, model 500000.0"):
+        trainer.load(tmp_path / "checkpoints")
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())  # nothing loaded
+    with pytest.raises(ValueError, match="ffn"):
+        load_checkpoint(tmp_path / "checkpoints", other, allow_config_changes=["rope_theta"])
+    trainer.load(tmp_path / "checkpoints", allow_config_changes=["rope_theta", "ffn"])  # deliberate
+    assert_same_weights(tiny(rope_theta=10000.0, ffn="swiglu"), other)
+    bert = ReversibleBERT(TransformerConfig.preset("tiny", causal=False))  # the GPT's tensors exactly
+    with pytest.raises(ValueError, match="model_class: checkpoint ReversibleGPT, model ReversibleBERT; causal"):
+        load_checkpoint(tmp_path / "checkpoints", bert)
+
+
+def test_flipped_bytes_in_the_weights_are_detected(tmp_path):
+    path = save_checkpoint(tmp_path, 1, tiny(), {"step": 1})
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit inside a tensor: the file still parses
+    weights.write_bytes(bytes(data))
+    read_weights(weights)
+    with pytest.raises(ValueError, match=r"checksum mismatch in .*model\.safetensors"):
+        load_checkpoint(tmp_path, tiny())
+
+
+def test_a_trainer_state_of_the_wrong_structure_is_named(tmp_path):
+    from revnet_zero.training import Trainer
+    model = tiny()
+    save_checkpoint(tmp_path / "a", 1, model, {"steps": 1, "weights": {}})
+    trainer = Trainer(tiny(seed=2), progress=False)
+    with pytest.raises(ValueError, match=r"trainer state lacks \['step', 'optimizer', 'scaler', 'rng', 'data'\]"):
+        trainer.load(tmp_path / "a")
+    good = Trainer(model, progress=False).state_dict()
+    save_checkpoint(tmp_path / "b", 1, model, {**good, "rng": [{"cpu": torch.zeros(10, dtype=torch.uint8),
+                                                                 "cuda": []}]})
+    with pytest.raises(ValueError, match=r"'rng' must hold.*5056 bytes"):
+        trainer.load(tmp_path / "b")
+    mine, theirs = trainer.module.state_dict(), model.state_dict()
+    assert trainer.step == 0 and not torch.equal(mine["embed.weight"], theirs["embed.weight"])  # nothing loaded
+
+
+def test_temporaries_of_a_killed_save_are_cleaned_on_the_next_save_or_load(tmp_path):
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    pid = int(dead.stdout)  # a process that has exited: its leftovers may go
+    path = save_checkpoint(tmp_path, 1, tiny(), {"step": 1})
+    leftovers = [path / f".model.safetensors.tmp-{pid}", tmp_path / f".latest.tmp-{pid}"]
+    live = path / f".trainer.pt.tmp-{os.getppid()}"  # a running writer's file stays
+    for f in [*leftovers, live]:
+        f.write_bytes(b"half a file")
+    load_checkpoint(tmp_path, tiny())
+    assert not any(f.exists() for f in leftovers) and live.exists()
+    (tmp_path / "step-000002").mkdir()
+    again = tmp_path / "step-000002" / f".model.safetensors.tmp-{pid}"
+    again.write_bytes(b"half")
+    save_checkpoint(tmp_path, 3, tiny(), {"step": 3})
+    assert not again.exists()

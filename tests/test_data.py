@@ -71,6 +71,39 @@ def test_folder_is_globbed_recursively_and_bad_files_are_skipped_and_listed(tmp_
     assert sorted(s.rsplit("/", 1)[-1] for s, _ in corpus.skipped) == ["bad.txt", "empty.txt"]
 
 
+def test_binary_files_are_refused_by_name_and_skipped_in_a_folder(tmp_path):
+    (tmp_path / "nul.txt").write_bytes(b"\x00" * 4096)
+    (tmp_path / "ctrl.txt").write_bytes(bytes(range(1, 9)) * 100 + b"some text")
+    (tmp_path / "ok.txt").write_text("plain text,\twith tabs\r\nand \x1b[1mbold\x1b[0m escapes\f")
+    with pytest.raises(ValueError, match=r"nul\.txt looks binary, not text: a NUL byte at offset 0"):
+        read_text_file(tmp_path / "nul.txt")
+    with pytest.raises(ValueError, match=r"ctrl\.txt looks binary, not text: 800 of its first 809 bytes"):
+        text_files(tmp_path / "ctrl.txt")
+    corpus = text_files(tmp_path)
+    assert corpus.sources == [str(tmp_path / "ok.txt")]
+    assert sorted(s.rsplit("/", 1)[-1] for s, _ in corpus.skipped) == ["ctrl.txt", "nul.txt"]
+
+
+def test_an_unreadable_file_in_a_folder_is_skipped_and_reported(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+    for name in ("a.txt", "locked.txt", "z.txt"):
+        (tmp_path / name).write_text(f"text of {name}")
+    read = Path.read_bytes
+
+    def refuse_locked(self):  # as chmod 000 would for a user other than root
+        if self.name == "locked.txt":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return read(self)
+    monkeypatch.setattr(Path, "read_bytes", refuse_locked)
+    corpus = text_files(tmp_path)
+    assert corpus.texts == ["text of a.txt", "text of z.txt"]
+    assert corpus.skipped == [(str(tmp_path / "locked.txt"), f"{tmp_path / 'locked.txt'} cannot be read: "
+                                                             "Permission denied")]
+    with pytest.raises(PermissionError):
+        text_files(tmp_path / "locked.txt")  # named explicitly: the error itself
+
+
 def test_folder_without_usable_files_is_an_error(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match=r"1 files matched, 1 skipped"):

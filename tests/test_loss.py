@@ -4,6 +4,9 @@ Tolerances (relative error of the whole tensor, ||a - b|| / ||b||):
 - float32: 1e-6. Both sides compute the same sums in a different order (per-chunk partial sums of the
   loss, per-chunk GEMMs for the weight gradient): a few float32 roundings (6e-8 each) apart. A loss
   that is a near-cancellation (logsumexp - picked logit, confident rows) is held to 1e-6 of its terms.
+- float64: 1e-12. Both sides are float64 throughout (the loss accumulates in float64 for float64
+  inputs), so they differ by summation order only: a few float64 roundings (1.1e-16 each) of terms
+  of order 1. Accumulating in float32, as for float32 inputs, would be 1e-7 off and fail.
 - bf16 autocast: 1e-5 on the loss, 1e-2 on the gradients (measured: 6e-8; 2e-6 for dh, 2.4e-3 for dW).
   The logits are the same bf16 GEMM on both sides and the softmax is float32 on both; the gradients
   go through bf16 GEMMs whose inputs (softmax - onehot) are rounded to bf16 (relative step 2^-8 =
@@ -56,6 +59,19 @@ def test_fp32_loss_and_both_grads_match_reference(chunk, reduction):
     t[8:16] = -100                      # chunk 8..15 wholly ignored when chunk == 8
     for a, b in zip(fused(h, w, t, chunk, reduction), reference(h, w, t, reduction)):
         assert rel(a, b) <= 1e-6
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_float64_stays_float64(reduction):
+    h, w, t = make(n=53, d=16, v=40, dtype=torch.float64)
+    t[5] = -100
+    hr, wr = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref_loss = F.cross_entropy(hr @ wr.t(), t, ignore_index=-100, reduction=reduction)  # float64 throughout
+    ref_loss.backward()
+    out = fused(h, w, t, 8, reduction)
+    assert [x.dtype for x in out] == [torch.float64] * 3
+    for a, b in zip(out, (ref_loss.detach(), hr.grad, wr.grad)):
+        assert rel(a, b) <= 1e-12
 
 
 def test_all_ignored_gives_nan_loss_and_zero_grads_like_torch():

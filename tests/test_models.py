@@ -354,7 +354,7 @@ def test_seed_constructor_and_presets():
 @pytest.mark.parametrize("kw,err,match", [
     (dict(d_model=40, num_heads=3), ValueError, "d_model=40 .* num_heads=3"),
     (dict(num_heads=4, num_kv_heads=3), ValueError, "num_heads=4 .* num_kv_heads=3"),
-    (dict(coupling="rotation"), ValueError, "'rotation'"),
+    (dict(coupling="sideways"), ValueError, "'sideways'"),
     (dict(ffn="relu2"), ValueError, "'relu2'"),
     (dict(dropout=1.5), ValueError, "1.5"),
     (dict(use_flash_attention=False), ValueError, "S x S"),
@@ -362,6 +362,10 @@ def test_seed_constructor_and_presets():
     (dict(num_layers=0), ValueError, "num_layers must be >= 1, got 0"),
     (dict(d_model=40.0), TypeError, "d_model must be an int, got 40.0"),
     (dict(stream_dtype=torch.int32), ValueError, "torch.int32"),
+    (dict(embed_scale=float("nan")), ValueError, "embed_scale must be a finite positive number, got nan"),
+    (dict(embed_scale=-1.0), ValueError, "embed_scale must be a finite positive number, got -1.0"),
+    (dict(rope_theta=float("inf")), ValueError, "rope_theta must be a finite positive number, got inf"),
+    (dict(norm_eps=float("nan")), ValueError, "norm_eps must be a finite positive number, got nan"),
 ])
 def test_config_validation_quotes_values(kw, err, match):
     with pytest.raises(err, match=match):
@@ -444,3 +448,11 @@ def test_bf16_weights_with_float32_streams_without_autocast():
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_float_labels_are_refused_not_truncated():
+    model = small()
+    ids = torch.randint(0, 37, (1, 6))
+    with pytest.raises(TypeError, match="labels must be integer token ids .* got torch.float32"):
+        model(ids, labels=ids.float() + 0.7)
+    assert model(ids, labels=ids.int()).loss.isfinite()

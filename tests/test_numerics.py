@@ -2,9 +2,9 @@
 
 An additive stack whose inputs are tiny next to what its sub-functions add rebuilds them by
 subtracting nearly equal float32 numbers: inputs of scale 1e-6 under sub-function outputs of
-scale 1 (LayerNorm first, so the outputs do not shrink with the input) keep about
-2^-24 / 1e-6 ~ 6e-2 of their relative precision per rebuild. Inputs of scale 1 keep float32
-rounding (~1e-7). The bound 1e-3 lies far from both.
+scale 1 (LayerNorm first, so the outputs do not shrink with the input) come back with a
+relative error of about 2^-24 / 1e-6 ~ 6e-2 per rebuild, growing down the stack. Inputs of scale
+1 come back to float32 rounding (~1e-7). The bound 1e-3 lies far from both.
 """
 import warnings
 

@@ -188,3 +188,18 @@ def test_distributed_trainer_needs_torch_distributed_initialised():
         DistributedReversibleTrainer(tiny(), sharding_strategy="zero3")
     with pytest.raises(ValueError, match="cpu_offload=True needs sharding_strategy='fsdp'"):
         DistributedReversibleTrainer(tiny(), sharding_strategy="ddp", cpu_offload=True)
+
+
+def test_lists_of_sequences_train_and_evaluate_alike_and_the_run_is_saved_first(tmp_path):
+    """The seed's call: train_dataset and eval_dataset as lists of [S] tensors."""
+    train, val = data()
+    train_list, val_list = [train[i] for i in range(len(train))], [val[i] for i in range(len(val))]
+    trainer = LongContextTrainer(tiny(), max_length=32, **fast(out_dir=str(tmp_path / "a")))
+    summary = trainer.train(train_dataset=train_list, eval_dataset=val_list, num_steps=2)
+    assert summary["checkpoint"].endswith("step-000002") and math.isfinite(summary["eval_loss"])
+    batches = [torch.stack(val_list[i:i + 4]) for i in range(0, len(val_list), 4)]
+    assert trainer.evaluate(val_list) == trainer.evaluate(eval_loader=batches) == summary["eval_loss"]
+    broken = LongContextTrainer(tiny(), max_length=32, **fast(out_dir=str(tmp_path / "b")))
+    with pytest.raises(ValueError, match="input_ids must lie in"):
+        broken.train(train_dataset=train_list, eval_dataset=[torch.full((32,), 999)], num_steps=2)
+    assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step-000002"  # saved before evaluating

@@ -1,14 +1,19 @@
 """Text sources: one file, a folder of files, or rows of a Hugging Face ``datasets`` object.
 
-Policy for bad files: a file named explicitly that is empty or not UTF-8 is an error. Inside a folder
-such files are skipped and listed in ``TextCorpus.skipped`` with the reason (callers report the count);
-a folder with no usable file is an error.
+Policy for bad files: a file named explicitly that is empty, binary (a NUL byte, or mostly control
+bytes, in its first 8 KiB) or not UTF-8 is an error, and one that cannot be read raises its OSError.
+Inside a folder all of these are skipped and listed in ``TextCorpus.skipped`` with the reason (callers
+report the count); a folder with no usable file is an error.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+SNIFF_BYTES = 8192     # how much of a file the binary test reads (git looks at as much)
+MAX_CONTROL = 0.3      # more control bytes than this fraction (tab, newlines, form feed aside): binary
+_TEXT_CONTROLS = b"\t\n\r\f\v\x1b"
 
 
 @dataclass
@@ -22,12 +27,28 @@ class TextCorpus:
         return sum(len(t.encode("utf-8")) for t in self.texts)
 
 
+def looks_binary(data: bytes) -> str | None:
+    """Why ``data`` looks like a binary file (a NUL byte, or mostly control bytes, in its first
+    SNIFF_BYTES), or None for text."""
+    head = data[:SNIFF_BYTES]
+    if b"\x00" in head:
+        return f"a NUL byte at offset {head.index(0)}"
+    control = sum(1 for b in head if (b < 32 and b not in _TEXT_CONTROLS) or b == 127)
+    if head and control > MAX_CONTROL * len(head):
+        return f"{control} of its first {len(head)} bytes are control characters"
+    return None
+
+
 def read_text_file(path) -> str:
-    """The file's text; ValueError if it is empty (or whitespace only) or not valid UTF-8."""
+    """The file's text; ValueError if it is empty (or whitespace only), binary, or not valid UTF-8;
+    OSError if it cannot be read."""
     path = Path(path)
     data = path.read_bytes()
     if not data.strip():
         raise ValueError(f"{path} is empty ({len(data)} bytes, no text)")
+    binary = looks_binary(data)
+    if binary:
+        raise ValueError(f"{path} looks binary, not text: {binary}")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -44,6 +65,9 @@ def read_texts(files: Iterable, max_chars: int | None = None) -> TextCorpus:
             text = read_text_file(f)
         except ValueError as e:
             corpus.skipped.append((str(f), str(e)))
+            continue
+        except OSError as e:  # unreadable (permissions, I/O error): one bad file need not stop a corpus
+            corpus.skipped.append((str(f), f"{f} cannot be read: {e.strerror or e}"))
             continue
         corpus.texts.append(text)
         corpus.sources.append(str(f))
@@ -66,7 +90,7 @@ def text_files(path, pattern: str = "**/*.txt", max_chars: int | None = None) ->
     if not corpus.texts:
         why = f"; e.g. {corpus.skipped[0][1]}" if corpus.skipped else ""
         raise ValueError(f"no usable text in {path} with pattern {pattern!r}: {len(files)} files matched, "
-                         f"{len(corpus.skipped)} skipped as empty or not UTF-8{why}")
+                         f"{len(corpus.skipped)} skipped as empty, binary, unreadable or not UTF-8{why}")
     return corpus
 
 

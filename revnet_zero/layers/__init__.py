@@ -3,6 +3,8 @@ from .coupling_layers import (AdditiveCoupling, AffineCoupling, BaseCoupling, Co
                               StepCoupling, make_coupling)
 from .reversible_attention import KVCache, ReversibleAttention, SelfAttention
 from .reversible_ffn import FeedForward, ReversibleFFN
+from .rotation_coupling import OrthogonalMixCoupling, OrthogonalMixing, RotationCoupling
 
 __all__ = ["AdditiveCoupling", "AffineCoupling", "BaseCoupling", "CouplingType", "FeedForward", "KVCache",
-           "ReversibleAttention", "ReversibleFFN", "SelfAttention", "StepCoupling", "make_coupling"]
+           "OrthogonalMixCoupling", "OrthogonalMixing", "ReversibleAttention", "ReversibleFFN", "RotationCoupling",
+           "SelfAttention", "StepCoupling", "make_coupling"]

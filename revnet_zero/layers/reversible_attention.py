@@ -76,6 +76,7 @@ class SelfAttention(nn.Module):
         self.wv = nn.Linear(d_model, num_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(d_model, out_multiplier * d_model, bias=False)
         self.drop = nn.Dropout(dropout)
+        self.sequence_parallel = None   # a SequenceParallel: this rank holds S/N positions (distributed/)
 
     def forward(self, x: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
                 **kwargs) -> Tensor:
@@ -87,7 +88,13 @@ class SelfAttention(nn.Module):
         q = self.wq(h).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)       # (B, H, S, hd)
         k = self.wk(h).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)    # (B, Hkv, S, hd)
         v = self.wv(h).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        sp = self.sequence_parallel
         start = cache.length if cache is not None else 0
+        if sp is not None:
+            if cache is not None:
+                raise ValueError("decoding with a KV cache runs on one process; call "
+                                 "revnet_zero.distributed.disable_sequence_parallel(model) first")
+            start = sp.rank * S    # this rank's first position in the whole sequence
         cos, sin = rope_cos_sin(start, S, self.head_dim, self.rope_theta, x.device)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -95,9 +102,31 @@ class SelfAttention(nn.Module):
                 raise ValueError(f"the KV cache takes a prompt then one token at a time; got {S} tokens "
                                  f"at position {start}")
             k, v = cache.update(k, v)
-        y = self._attend(q, k, v, attention_mask, is_causal=self.causal and start == 0)
+        if sp is not None:
+            y = self._attend_sequence_parallel(q, k, v, attention_mask, sp)
+        else:
+            y = self._attend(q, k, v, attention_mask, is_causal=self.causal and start == 0)
         y = y.transpose(1, 2).reshape(B, S, D)                                          # (B, S, D)
         return self.drop(self.wo(y))
+
+    def _attend_sequence_parallel(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None, sp):
+        """Attention of this rank's queries ``[B, H, S/N, hd]`` over the whole sequence (exact)."""
+        from ..distributed import sequence_parallel as spm
+        if sp.mode == "all_to_all":
+            if self.num_kv_heads % sp.size:   # fewer key/value heads than ranks: split them as MHA
+                k, v = spm.repeat_kv(k, self.num_heads), spm.repeat_kv(v, self.num_heads)
+            q, k, v = (spm.seq_to_heads(t, sp) for t in (q, k, v))
+            return spm.heads_to_seq(self._attend(q, k, v, attention_mask, is_causal=self.causal), sp)
+        if attention_mask is not None or not self.causal:
+            raise ValueError("all_gather sequence parallelism is for causal attention without a mask")
+        L = q.shape[2]
+        end = (sp.rank + 1) * L   # keys after this rank's last query are masked anyway: not attended
+        k, v = (spm.repeat_kv(spm.gather_seq(t, sp)[:, :, :end], self.num_heads) for t in (k, v))
+        from torch.nn.attention.bias import causal_lower_right
+        mask = causal_lower_right(L, end) if end > L else None
+        dropout_p = self.attention_dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                              is_causal=mask is None)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None, is_causal: bool):
         dropout_p = self.attention_dropout if self.training else 0.0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,8 @@ from ..couplings import CouplingType
 from ..ops.limits import INT32_MAX_NUMEL
 
 FFN_KINDS = ("swiglu", "geglu", "gelu")
+# rotation: revnet_zero.layers.RotationCoupling; orthogonal: additive, then a learned OrthogonalMixing
+COUPLINGS = tuple(c.value for c in CouplingType) + ("rotation", "orthogonal")
 
 
 def default_d_ff(d_model: int, ffn: str) -> int:
@@ -38,7 +41,7 @@ class TransformerConfig:
     max_seq_len: int = 4096                  # longest accepted input; costs nothing (RoPE is computed per call)
     dropout: float = 0.0                     # on each attention and FFN output
     attention_dropout: float = 0.0           # on the attention probabilities (SDPA dropout_p)
-    coupling: str = "additive"               # 'additive' or 'affine' (F and G then output 2 * d_model)
+    coupling: str = "additive"               # 'additive', 'affine' / 'rotation' (F, G output 2 * d_model), 'orthogonal'
     ffn: str = "swiglu"                      # 'swiglu', 'geglu' (gated) or 'gelu' (plain MLP)
     norm_eps: float = 1e-5                   # RMSNorm epsilon
     rope_theta: float = 10000.0              # RoPE base (Llama 3 uses 500000)
@@ -65,8 +68,8 @@ class TransformerConfig:
         self._validate()
 
     def _validate(self) -> None:
-        if self.coupling not in [c.value for c in CouplingType]:
-            raise ValueError(f"coupling must be one of {[c.value for c in CouplingType]}, "
+        if self.coupling not in COUPLINGS:
+            raise ValueError(f"coupling must be one of {list(COUPLINGS)}, "
                              f"got {self.coupling!r}")
         if self.ffn not in FFN_KINDS:
             raise ValueError(f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
@@ -85,10 +88,10 @@ class TransformerConfig:
             p = getattr(self, name)
             if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
                 raise ValueError(f"{name} must be in [0, 1), got {p!r}")
-        for name in ("norm_eps", "rope_theta"):
+        for name in ("norm_eps", "rope_theta", "embed_scale"):  # NaN loss, or RoPE silently off at inf
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v > 0):
-                raise ValueError(f"{name} must be a positive number, got {v!r}")
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite positive number, got {v!r}")
         for name in ("tie_embeddings", "causal", "use_flash_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -12,10 +12,11 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..couplings import make_coupling
+from ..couplings import AdditiveCoupling, make_coupling
 from ..engine import ReversibleBlock, ReversibleSequence
 from ..layers.reversible_attention import KVCache, SelfAttention
 from ..layers.reversible_ffn import FeedForward
+from ..layers.rotation_coupling import OrthogonalMixCoupling, RotationCoupling
 from ..ops.limits import check_int32_numel
 from ..ops.loss import fused_linear_cross_entropy
 from .config import TransformerConfig, resolve_config
@@ -23,19 +24,24 @@ from .outputs import ModelOutput
 
 IGNORE_INDEX = -100
 LOGITS_MAX_SEQ = 4096   # eval forwards up to this length return logits unless told otherwise
+EXTRA_RULES = {"rotation": RotationCoupling, "orthogonal": AdditiveCoupling}   # beyond CouplingType
 FFN_ACTIVATION = {"swiglu": ("silu", True), "geglu": ("gelu", True), "gelu": ("gelu", False)}
 
 
 def build_block(config: TransformerConfig) -> ReversibleBlock:
     """One reversible transformer block: attention as F, the FFN as G."""
-    c = make_coupling(config.coupling)
+    rule = EXTRA_RULES.get(config.coupling)
+    c = rule() if rule is not None else make_coupling(config.coupling)
     attn = SelfAttention(config.d_model, config.num_heads, config.num_kv_heads, config.causal,
                          config.rope_theta, config.attention_dropout, config.dropout, config.norm_eps,
                          out_multiplier=c.out_multiplier, sdpa_backend=config.attention_backend)
     activation, gated = FFN_ACTIVATION[config.ffn]
     ffn = FeedForward(config.d_model, config.d_ff, activation, gated, config.dropout, config.norm_eps,
                       out_multiplier=c.out_multiplier, seq_chunk=config.ffn_chunk_size)
-    return ReversibleBlock(make_coupling(c, f=attn, g=ffn))
+    coupling = make_coupling(c, f=attn, g=ffn)
+    if config.coupling == "orthogonal":   # the mixing angle starts at 0: the block starts as additive
+        coupling = OrthogonalMixCoupling(coupling, config.d_model)
+    return ReversibleBlock(coupling)
 
 
 class ReversibleLM(nn.Module, abc.ABC):
@@ -58,6 +64,7 @@ class ReversibleLM(nn.Module, abc.ABC):
                                          stream_dtype=c.stream_dtype)
         self.norm = nn.RMSNorm(c.d_model, eps=c.norm_eps)
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.sequence_parallel = None   # set by revnet_zero.distributed.enable_sequence_parallel
         self.apply(_init_weights)
         for pname, p in self.named_parameters():
             if pname.endswith(("wo.weight", "w_out.weight")):   # GPT-2: residual writes scaled by depth
@@ -70,12 +77,16 @@ class ReversibleLM(nn.Module, abc.ABC):
         """input_ids ``[B, S]`` -> ``ModelOutput``. ``return_logits=None``: logits only in eval with
         ``S <= LOGITS_MAX_SEQ``."""
         self._check_inputs(input_ids, labels, attention_mask)
+        sp = getattr(self, "sequence_parallel", None)
+        targets = self._targets(input_ids, labels, attention_mask)   # over the whole sequence
+        if sp is not None:   # this rank's positions only (distributed/sequence_parallel.py)
+            local = sp.local_slice(input_ids.shape[1])
+            input_ids = input_ids[:, local]
+            targets = targets[:, local] if targets is not None else None
         hidden = self.hidden_states(input_ids, **self._block_kwargs(attention_mask))
-        targets = self._targets(input_ids, labels, attention_mask)
         loss = None
         if targets is not None:
-            loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.head.weight,
-                                              targets.reshape(-1), self.config.loss_chunk_size, IGNORE_INDEX)
+            loss = self._loss(hidden, targets.reshape(-1), sp)
         B, S = input_ids.shape
         if return_logits is None:
             return_logits = not self.training and S <= LOGITS_MAX_SEQ
@@ -86,6 +97,18 @@ class ReversibleLM(nn.Module, abc.ABC):
                               "Use the loss, or apply model.head to a slice of last_hidden_state.")
             logits = self.head(hidden)
         return ModelOutput(loss=loss, last_hidden_state=hidden, logits=logits)
+
+    def _loss(self, hidden: Tensor, targets: Tensor, sp) -> Tensor:
+        """Mean next-token loss. Sequence parallel: the value is the whole batch's mean on every rank;
+        the gradient is ``N`` times this rank's share, so the ranks' gradients average to the full one."""
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        chunk = self.config.loss_chunk_size
+        if sp is None:
+            return fused_linear_cross_entropy(hidden, self.head.weight, targets, chunk, IGNORE_INDEX)
+        local = fused_linear_cross_entropy(hidden, self.head.weight, targets, chunk, IGNORE_INDEX, "sum")
+        count = sp.all_reduce_sum((targets != IGNORE_INDEX).sum()).to(local.dtype)
+        scaled = local * (sp.size / count)
+        return scaled + (sp.all_reduce_sum(local) / count - scaled).detach()
 
     def set_scheduler(self, scheduler) -> None:
         """Apply a memory scheduler's per-block policies (``revnet_zero.memory``)."""
@@ -104,6 +127,8 @@ class ReversibleLM(nn.Module, abc.ABC):
             if t is not None and (not isinstance(t, Tensor) or t.shape != input_ids.shape):
                 raise ValueError(f"{name} must be a tensor shaped like input_ids {tuple(input_ids.shape)}, "
                                  f"got {tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+        if labels is not None and labels.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"labels must be integer token ids (int64 or int32), got {labels.dtype}")
         if attention_mask is not None and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
             raise ValueError(f"attention_mask must hold 0 (padding) and 1 (token); got values "
                              f"{attention_mask.unique().tolist()[:8]}")
@@ -207,9 +232,8 @@ class ReversibleTransformer(ReversibleLM):
             x = x.to(self.blocks.stream_dtype)
         s = [x, x]
         for block, cache in zip(self.blocks.blocks, caches):
-            c = block.coupling
-            for fn, src, dst in c.steps():      # kwargs reach F and G alike; the FFN ignores the cache
-                s[dst] = c.apply_step(fn, s[dst], s[src], cache=cache)
+            # kwargs reach F and G alike; the FFN ignores the cache
+            s = list(block.coupling(s[0], s[1], cache=cache))
         return self.norm(((s[0] + s[1]) / 2).to(self.norm.weight.dtype))
 
 

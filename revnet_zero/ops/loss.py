@@ -24,8 +24,9 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, 
 
     hidden ``[N, D]``, weight ``[V, D]``, targets ``[N]`` (integers in ``[0, V)`` or ``ignore_index``).
     Returns a scalar: the mean over non-ignored targets (``nan`` if all are ignored, as in
-    ``F.cross_entropy``) or their sum. Under autocast the two matmuls run in the autocast dtype and the
-    softmax in float32. The gradients are computed in forward, so a second backward through the same
+    ``F.cross_entropy``) or their sum. Under autocast the two matmuls run in the autocast dtype. The
+    softmax, the loss and the head gradient accumulate in float32, or in float64 when the inputs are
+    float64 (so a float64 model keeps float64 gradients end to end). The gradients are computed in forward, so a second backward through the same
     call (``retain_graph=True``) raises.
 
     Example::
@@ -70,20 +71,22 @@ def _check(hidden, weight, targets, chunk_size, ignore_index, reduction) -> None
 
 def _chunked(hidden, weight, targets, chunk_size, ignore_index, reduction, need_dh, need_dw):
     """Loss and, where asked, its gradients with respect to hidden and weight."""
+    # at least float32 (bf16/fp16 sums of a long sequence lose the loss), float64 for float64 inputs
+    acc = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
     valid = targets != ignore_index
-    count = valid.sum().to(torch.float32)
+    count = valid.sum().to(acc)
     denom = count if reduction == "mean" else torch.ones_like(count)
     # Gradient rows: 0 for ignored targets, 1/denom otherwise (0, not nan, when all are ignored).
-    row_scale = valid.to(torch.float32) / denom.clamp(min=1)
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    row_scale = valid.to(acc) / denom.clamp(min=1)
+    total = torch.zeros((), dtype=acc, device=hidden.device)
     dh = torch.empty_like(hidden) if need_dh else None
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
     for start in range(0, hidden.shape[0], chunk_size):
         end = min(start + chunk_size, hidden.shape[0])
         h, t = hidden[start:end], targets[start:end].long()
         logits = h @ weight.t()                               # (C, V), in the autocast dtype
         dtype = logits.dtype
-        logits = logits.float()
+        logits = logits.to(acc)
         lse = torch.logsumexp(logits, dim=-1)                 # [C]
         idx = t.clamp(min=0)[:, None]                         # ignored rows read column 0, weighted 0
         picked = logits.gather(1, idx).squeeze(1)

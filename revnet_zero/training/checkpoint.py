@@ -8,22 +8,34 @@ Layout of a checkpoint root::
         model.safetensors # weights; tied tensors stored once, their aliases in the metadata
         trainer.pt        # optimizer, grad scaler, RNG, data position, step (torch.save; read back
                           # with torch.load(weights_only=True), so loading runs no pickled code)
+        checksums.json    # sha256 of the two files above, checked on every load
 
 Every file is written to a temporary name in its own folder, fsynced, then ``os.replace``d: a crash
-leaves the previous checkpoint, and ``latest`` pointing to it, intact.
+leaves the previous checkpoint, and ``latest`` pointing to it, intact; the temporary files of a
+killed writer are removed by the next save or load. Only finite weights are written, so every
+checkpoint that verifies is one training can go on from. A load refuses a checkpoint whose files do
+not match their checksums, whose tensors do not fit the model, or whose recorded model class or
+configuration differs from the model's (``allow_config_changes`` names deliberate changes).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
 import pickle
 import shutil
+import warnings
+from collections.abc import Iterable
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-WEIGHTS, STATE, LATEST = "model.safetensors", "trainer.pt", "latest"
+WEIGHTS, STATE, LATEST, CHECKSUMS = "model.safetensors", "trainer.pt", "latest", "checksums.json"
+TMP_MARK = ".tmp-"   # temporary files are named .{name}.tmp-{pid} beside their target
 
 
 def _safetensors():
@@ -45,9 +57,13 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write(path, write) -> None:
     """Call ``write(tmp_path)``, fsync the result, then rename it onto ``path`` in one step."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as e:  # say which file could not be written (a full disk names none)
+            why = f"cannot write {path}: {e.strerror or e}"
+            raise (OSError(e.errno, why) if e.errno is not None else OSError(why)) from e
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files; give the usual permissions
@@ -121,7 +137,16 @@ def check_weights(tensors: dict, expected: dict, path) -> None:
 
 
 def save_state(state: dict, path) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    def write(tmp):
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) as RuntimeError
+            if "PytorchStreamWriter" not in str(e) and "write failed" not in str(e):
+                raise
+            free = shutil.disk_usage(Path(tmp).parent).free
+            raise OSError(errno.EIO, f"{str(e).strip().splitlines()[-1]} ({free / 2**20:.0f} MiB free "
+                                     "on that disk)") from e
+    atomic_write(path, write)
 
 
 def load_state(path) -> dict:
@@ -130,6 +155,136 @@ def load_state(path) -> dict:
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise ValueError(f"cannot read trainer state {path}: {str(e).splitlines()[0]} (truncated or "
                          "corrupted file?)") from None
+
+
+def model_metadata(model: nn.Module) -> dict:
+    """What a checkpoint records of the model it was written from: its class and, when the model has
+    a dataclass ``config``, that config as JSON values (as it reads back from the file)."""
+    meta = {"model_class": _user_class(model).__name__}
+    config = getattr(model, "config", None)
+    if is_dataclass(config):
+        meta["model_config"] = json.loads(json.dumps(asdict(config), default=str))
+    return meta
+
+
+def _user_class(model: nn.Module) -> type:
+    """The model's class; under FSDP2 the class fully_shard swapped in (FSDPReversibleGPT) is skipped."""
+    cls = type(model)
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+        if isinstance(model, FSDPModule):
+            cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    return cls
+
+
+def check_config(meta: dict, model: nn.Module, path, allow_config_changes: Iterable[str] | bool = ()) -> None:
+    """ValueError naming every recorded model field (and the class) that differs from ``model``'s,
+    except those in ``allow_config_changes`` (True: allow any). Shapes alone do not tell a GPT from a
+    BERT, nor one rope_theta from another."""
+    if allow_config_changes is True:
+        return
+    allowed = set(allow_config_changes or ())
+    now = model_metadata(model)
+    diffs = []
+    if "model_class" in meta and meta["model_class"] != now["model_class"] and "model_class" not in allowed:
+        diffs.append(f"model_class: checkpoint {meta['model_class']}, model {now['model_class']}")
+    saved, current = meta.get("model_config"), now.get("model_config")
+    if isinstance(saved, dict) and current is not None:
+        for key in sorted(set(saved) | set(current)):
+            if key not in allowed and saved.get(key, "<absent>") != current.get(key, "<absent>"):
+                diffs.append(f"{key}: checkpoint {saved.get(key, '<absent>')!r}, model "
+                             f"{current.get(key, '<absent>')!r}")
+    if diffs:
+        raise ValueError(f"checkpoint {path} was written from another model configuration: " + "; ".join(diffs)
+                         + ". If the change is deliberate, pass allow_config_changes=[names of those fields]")
+
+
+def nonfinite_tensors(tensors: dict) -> list[str]:
+    """Names of the floating tensors of ``tensors`` that hold a NaN or an infinity."""
+    return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _require_finite(tensors: dict, what: str) -> None:
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        more = f" (and {len(bad) - 8} more)" if len(bad) > 8 else ""
+        raise FloatingPointError(f"refusing to write {what}: non-finite values in {', '.join(bad[:8])}{more}")
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def clean_temporaries(folder) -> list[Path]:
+    """Delete the temporary files that a writer killed mid-save left in ``folder`` and its step-*
+    folders. Only those of processes no longer running on this machine go (a live writer's stay);
+    returns the paths deleted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for tmp in [*folder.glob(f".*{TMP_MARK}*"), *folder.glob(f"step-*/.*{TMP_MARK}*")]:
+        pid = tmp.name.rsplit(TMP_MARK, 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        # a read-only copy of a checkpoint can still be loaded: leaving its leftovers is harmless
+        with contextlib.suppress(FileNotFoundError, PermissionError, OSError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def verify_checkpoint(path, finite: bool = False) -> Path:
+    """Check a checkpoint folder's files against its recorded sha256 (and, with ``finite``, that its
+    weights are finite); ValueError naming the file that does not match. Returns the folder."""
+    path = Path(path)
+    sums = path / CHECKSUMS
+    if not sums.exists():
+        warnings.warn(f"{path} has no {CHECKSUMS} (written before checksums were recorded): its files are "
+                      "not verified", stacklevel=3)
+    else:
+        recorded = json.loads(sums.read_text())
+        for name in (WEIGHTS, STATE):
+            if name not in recorded or not (path / name).exists():
+                raise ValueError(f"checkpoint {path} is incomplete: {name} missing from the folder or {CHECKSUMS}")
+            actual = sha256_file(path / name)
+            if actual != recorded[name]:
+                raise ValueError(f"checksum mismatch in {path / name}: sha256 {actual}, recorded "
+                                 f"{recorded[name]} (the file was changed or damaged after it was written)")
+    if finite:
+        bad = nonfinite_tensors(read_weights(path / WEIGHTS)[0])
+        if bad:
+            raise ValueError(f"checkpoint {path} holds non-finite weights: {', '.join(bad[:8])}")
+    return path
+
+
+def last_good_checkpoint(root) -> Path | None:
+    """The newest checkpoint under ``root`` whose files match their checksums and whose weights are
+    finite, or None."""
+    root = Path(root)
+    for path in sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True):
+        if not (path / CHECKSUMS).exists():
+            continue
+        try:
+            verify_checkpoint(path, finite=True)
+        except ValueError:  # damaged: the next older one may be good
+            continue
+        return path
+    return None
 
 
 def latest_checkpoint(root) -> Path | None:
@@ -143,32 +298,55 @@ def latest_checkpoint(root) -> Path | None:
     return path
 
 
+def _complete(path: Path) -> bool:
+    return all((path / name).exists() for name in (WEIGHTS, STATE, CHECKSUMS))
+
+
 def save_checkpoint(root, step: int, model: nn.Module | dict, state: dict, metadata: dict | None = None,
                     keep: int = 2) -> Path:
     """Write checkpoint ``root/step-{step}``, make it the latest, then delete all but the ``keep`` newest.
-    ``model``: the module, or its full state dict (gathered from a sharded model)."""
-    if keep < 1:
-        raise ValueError(f"keep must be >= 1, got {keep}")
+    ``model``: the module, or its full state dict (gathered from a sharded model). FloatingPointError,
+    before anything is written, if a weight is NaN or infinite."""
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+    weights = model.state_dict() if isinstance(model, nn.Module) else model
+    _require_finite(weights, f"checkpoint step {step}")
     root = Path(root)
+    clean_temporaries(root)
     path = root / f"step-{step:06d}"
     path.mkdir(parents=True, exist_ok=True)
-    save_weights(model, path / WEIGHTS, metadata)
+    save_weights(weights, path / WEIGHTS, metadata)
     save_state(state, path / STATE)
+    sums = {name: sha256_file(path / name) for name in (WEIGHTS, STATE)}
+    atomic_write(path / CHECKSUMS, lambda tmp: tmp.write_text(json.dumps(sums, indent=1) + "\n"))
     atomic_write(root / LATEST, lambda tmp: tmp.write_text(path.name + "\n"))
-    # incomplete ones (a crash mid-write) go first, then the oldest
+    # incomplete ones (a crash mid-write) go first, then the oldest; the new one is never a candidate
     others = sorted((p for p in root.glob("step-*") if p.is_dir() and p != path),
-                    key=lambda p: ((p / WEIGHTS).exists() and (p / STATE).exists(), p.stat().st_mtime_ns))
+                    key=lambda p: (_complete(p), p.stat().st_mtime_ns))
     for old in others[: max(0, len(others) - (keep - 1))]:
         shutil.rmtree(old)
     return path
 
 
-def load_checkpoint(path, model: nn.Module) -> dict:
-    """Load weights into ``model`` and return the trainer state. ``path``: a checkpoint folder, or a
+def read_checkpoint(path, model: nn.Module, allow_config_changes: Iterable[str] | bool = ()) -> tuple[dict, dict]:
+    """(weights, trainer state) of a checkpoint, every check done and ``model`` left untouched:
+    checksums, tensor names and shapes, model class and config. ``path``: a checkpoint folder, or a
     root holding a ``latest`` pointer."""
+    clean_temporaries(path)
     path = resolve_checkpoint(path)
-    load_weights(model, path / WEIGHTS)
-    return load_state(path / STATE)
+    clean_temporaries(path)
+    verify_checkpoint(path)
+    tensors, meta = read_weights(path / WEIGHTS)
+    check_weights(tensors, model.state_dict(), path / WEIGHTS)
+    check_config(meta, model, path, allow_config_changes)
+    return tensors, load_state(path / STATE)
+
+
+def load_checkpoint(path, model: nn.Module, allow_config_changes: Iterable[str] | bool = ()) -> dict:
+    """Load weights into ``model`` and return the trainer state (see ``read_checkpoint``)."""
+    tensors, state = read_checkpoint(path, model, allow_config_changes)
+    model.load_state_dict(tensors)
+    return state
 
 
 def resolve_checkpoint(path) -> Path:

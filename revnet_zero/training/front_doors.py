@@ -108,7 +108,8 @@ class DistributedReversibleTrainer(Trainer):
 
     def __init__(self, model: nn.Module, sharding_strategy: str = "fsdp",
                  gradient_checkpointing_policy: str = "nothing_saveable", cpu_offload: bool = False,
-                 mixed_precision: bool = False, config: TrainingConfig | None = None, **overrides):
+                 mixed_precision: bool = False, config: TrainingConfig | None = None, *,
+                 sequence_parallel: int = 1, sequence_parallel_mode: str = "all_to_all", **overrides):
         import torch.distributed as dist
         if sharding_strategy not in ("fsdp", "ddp"):
             raise ValueError(f"sharding_strategy must be 'fsdp' or 'ddp', got {sharding_strategy!r}")
@@ -141,7 +142,25 @@ class DistributedReversibleTrainer(Trainer):
         self.mixed_precision = mixed_precision
         self._dist = dist
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.sequence_parallel = self._split_sequences(model, sequence_parallel, sequence_parallel_mode)
         super().__init__(model, config, **overrides)
+
+    def _split_sequences(self, model: nn.Module, n: int, mode: str):
+        """Groups of ``n`` consecutive ranks share each sequence (``revnet_zero.distributed``)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1 or self.world_size % n:
+            raise ValueError(f"sequence_parallel must be a positive int dividing the world size "
+                             f"{self.world_size}, got {n!r}")
+        if n == 1:
+            return None
+        from ..distributed import enable_sequence_parallel
+        groups = [self._dist.new_group(list(range(g, g + n))) for g in range(0, self.world_size, n)]
+        return enable_sequence_parallel(model, groups[self.rank // n] if len(groups) > 1 else None, mode)
+
+    @property
+    def data_parallel(self) -> tuple[int, int]:
+        """(index, count) of this rank's data shard: ranks that split one sequence read the same batches."""
+        n = self.sequence_parallel.size if self.sequence_parallel is not None else 1
+        return self.rank // n, self.world_size // n
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.sharding_strategy == "ddp":
@@ -221,19 +240,18 @@ class DistributedReversibleTrainer(Trainer):
             start += len(g["params"])
         return {"state": {index[name]: s for name, s in full["state"].items()}, "param_groups": groups}
 
-    def load(self, path) -> None:
+    def load(self, path, allow_config_changes=()) -> None:
         if self.sharding_strategy != "fsdp":
-            return super().load(path)  # DDP: every rank reads the files (full copies)
+            return super().load(path, allow_config_changes)  # DDP: every rank reads the files (full copies)
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
-        from .checkpoint import STATE, WEIGHTS, check_weights, load_state, read_weights, resolve_checkpoint
+        from .checkpoint import read_checkpoint
+        from .trainer import check_state
         weights, optim, message = {}, None, [None]
         if self.is_main:
             try:
-                path = resolve_checkpoint(path)
-                weights, _ = read_weights(path / WEIGHTS)
-                check_weights(weights, self.module.state_dict(), path / WEIGHTS)
-                state = load_state(path / STATE)
+                weights, state = read_checkpoint(path, self.module, allow_config_changes)
+                check_state(state)
                 optim = state["optimizer"]
                 # the optimizer's tensors go by set_optimizer_state_dict's broadcast; the rest as objects
                 full = optim is not None and bool(optim["state"])

@@ -14,24 +14,28 @@ import itertools
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields, is_dataclass, replace
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from ..data.packing import Batches
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import last_good_checkpoint, model_metadata, read_checkpoint, save_checkpoint
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-FIXED_BY_OPTIMIZER = {"betas", "weight_decay", "memory_efficient_optimizer"}
+ON_NONFINITE = ("raise", "skip")
+FIXED_BY_OPTIMIZER = {"betas", "eps", "weight_decay", "memory_efficient_optimizer"}
+STATE_KEYS = ("step", "optimizer", "scaler", "rng", "data")  # what a trainer.pt must hold
 
 
 @dataclass
 class TrainingConfig:
     lr: float = 3e-4                          # peak learning rate of AdamW
     weight_decay: float = 0.1                 # on weight matrices and embeddings only (dim >= 2)
-    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas, each in [0, 1)
+    eps: float = 1e-8                         # AdamW epsilon (added to the root of the second moment)
     warmup_steps: int | None = None           # linear warm-up; None: 5% of the run's steps
     min_lr_ratio: float = 0.1                 # cosine decay ends at lr * min_lr_ratio on the last step
     batch_size: int = 8                       # sequences per micro-batch when train() gets a dataset
@@ -51,10 +55,17 @@ class TrainingConfig:
     progress: bool = True                     # tqdm progress bar
     log_memory_usage: bool = True             # peak memory in the metrics and progress bar
     device: str | None = None                 # None: cuda if available, else cpu
+    on_nonfinite: str = "raise"               # a step with NaN/Inf loss or gradients is never applied;
+                                              # 'raise': stop, naming the parameters; 'skip': drop the step
+                                              # and go on (counted in the metrics). fp16 loss scaling
+                                              # always skips overflowing steps, as GradScaler does
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}")
+        self._check_numbers()
         for name in ("batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -62,13 +73,46 @@ class TrainingConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got lr={self.lr}, "
-                             f"min_lr_ratio={self.min_lr_ratio}")
         if self.save_every is not None and self.out_dir is None:
             raise ValueError(f"save_every={self.save_every} needs out_dir (where the checkpoints go)")
-        if self.gradient_clip is not None and self.gradient_clip <= 0:
-            raise ValueError(f"gradient_clip must be > 0 or None, got {self.gradient_clip}")
+
+    def _check_numbers(self) -> None:
+        """Every float hyperparameter finite and in range: a NaN lr or clip would write NaN weights
+        at the first step."""
+        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2):
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {self.betas!r}")
+        checks = [("lr", self.lr, 0, False), ("eps", self.eps, 0, False),
+                  ("weight_decay", self.weight_decay, 0, True), ("min_lr_ratio", self.min_lr_ratio, 0, True),
+                  ("betas[0]", self.betas[0], 0, True), ("betas[1]", self.betas[1], 0, True)]
+        if self.gradient_clip is not None:
+            checks.append(("gradient_clip", self.gradient_clip, 0, False))
+        for name, v, low, closed in checks:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+            if v < low or (v == low and not closed):
+                raise ValueError(f"{name} must be {'>=' if closed else '>'} {low}, got {v!r}")
+        if self.min_lr_ratio > 1 or max(self.betas) >= 1:
+            raise ValueError(f"need min_lr_ratio <= 1 and betas < 1, got min_lr_ratio={self.min_lr_ratio}, "
+                             f"betas={tuple(self.betas)}")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``name`` as a torch.device (None: cuda if available, else cpu). ValueError for a name torch does
+    not know, or a device this machine lacks (``'cuda'`` without CUDA, ``'cuda:3'`` with 2 GPUs)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}; expected e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+    backend = getattr(torch, dev.type, None)
+    if dev.type != "cpu" and callable(getattr(backend, "is_available", None)) and not backend.is_available():
+        raise ValueError(f"device {name!r}: no {dev.type} device is available on this machine "
+                         f"(torch {torch.__version__}); use --device cpu / device='cpu'")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and callable(count) and dev.index >= count():
+        raise ValueError(f"device {name!r}: this machine has {count()} {dev.type} device(s)")
+    return dev
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -128,7 +172,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, config: TrainingConfig | None = None, **overrides):
         self.config = replace(config or TrainingConfig(), **overrides)
-        self.device = torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(self.config.device)
         self.module = model.to(self.device)   # the plain model: saved, evaluated, sampled from
         self.model = self._wrap(self.module)  # what the training step calls (DDP/FSDP wrap it)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -138,6 +182,7 @@ class Trainer:
         self._train_data = None
         self._data_state = None                     # a loaded data position, applied by train()
         self.history: list[dict] = []               # every metrics line of this process
+        self.skipped_steps = 0                      # steps not applied (non-finite; fp16 overflow)
 
     # ------------------------------------------------------------ hooks for distributed subclasses
 
@@ -169,11 +214,17 @@ class Trainer:
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": c.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         foreach = False if c.memory_efficient_optimizer else None
-        return torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, foreach=foreach)
+        return torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps, foreach=foreach)
+
+    @property
+    def data_parallel(self) -> tuple[int, int]:
+        """(index, count) of this process's shard of each global batch."""
+        return self.rank, self.world_size
 
     def _batches(self, dataset, shuffle: bool, drop_last: bool) -> Batches:
+        rank, world = self.data_parallel
         return Batches(dataset, self.config.batch_size, shuffle=shuffle, seed=self.config.seed,
-                       drop_last=drop_last, rank=self.rank, world_size=self.world_size)
+                       drop_last=drop_last, rank=rank, world_size=world)
 
     def _max_length(self) -> int | None:
         if self.config.max_length is not None:
@@ -205,15 +256,21 @@ class Trainer:
         fields (``batch_size``, ``gradient_clip``, ...) override it. ``resume``: True (the latest
         checkpoint in out_dir) or a checkpoint path. Returns a summary dict.
 
-        Raises FloatingPointError, naming the step, when the loss is not finite; the weights are left as
-        they were before that step and the last checkpoint is kept.
+        ``eval_dataset`` is batched like ``train_dataset`` (map-style, items [S]); ``eval_loader`` is an
+        iterable of batches like ``train_loader``. The final checkpoint is written before the final
+        evaluation, so a failing evaluation loses no training.
+
+        A step whose loss or gradients are not finite is never applied. With ``on_nonfinite='raise'``
+        (the default) a FloatingPointError names the step, the parameters whose gradients are not
+        finite and the newest checkpoint that verifies as finite; the weights are left as they were
+        before that step. With ``'skip'`` (and always for fp16 overflow) the step is dropped and counted.
         """
         if train_dataloader is not None:
             if train_loader is not None:
                 raise ValueError("pass train_loader or train_dataloader, not both")
             train_loader = train_dataloader
         self._apply_overrides(overrides)
-        train_loader, eval_loader = self._loaders(train_dataset, train_loader, eval_dataset, eval_loader)
+        train_loader, eval_source = self._loaders(train_dataset, train_loader, eval_dataset, eval_loader)
         total = self._total_steps(train_loader, num_epochs, num_steps)
         if self.optimizer is None:
             self.optimizer = self._make_optimizer()
@@ -221,16 +278,17 @@ class Trainer:
             self.load(self._checkpoint_root() if resume is True else resume)
         self._restore_data_position(train_loader)
         start, t0 = self.step, time.perf_counter()
-        self._loop(self._micro_batches(train_loader), eval_loader, total, t0, time_limit_s)
+        self._loop(self._micro_batches(train_loader), eval_source, total, t0, time_limit_s)
         losses = [line["loss"] for line in self.history if "loss" in line]
         summary = {"step": self.step, "steps_this_run": self.step - start,
-                   "seconds": time.perf_counter() - t0, "loss": losses[-1] if losses else None}
-        if eval_loader is not None:
-            if not self.history or "eval_loss" not in self.history[-1]:
-                self._log_eval(eval_loader, None)
-            summary["eval_loss"] = self.history[-1]["eval_loss"]
+                   "seconds": time.perf_counter() - t0, "loss": losses[-1] if losses else None,
+                   "skipped_steps": self.skipped_steps}
         if self.config.out_dir is not None and self.step > start:
-            summary["checkpoint"] = str(self.save())
+            summary["checkpoint"] = str(self.save())  # before evaluating: an evaluation error loses nothing
+        if eval_source is not None:
+            if not self.history or "eval_loss" not in self.history[-1]:
+                self._log_eval(eval_source, None)
+            summary["eval_loss"] = self.history[-1]["eval_loss"]
         return summary
 
     def _apply_overrides(self, overrides: dict) -> None:
@@ -250,11 +308,16 @@ class Trainer:
         if train_dataset is not None:
             self._check_data(train_dataset)
             train_loader = self._batches(train_dataset, shuffle=True, drop_last=True)
+        if eval_dataset is not None and eval_loader is not None:
+            raise ValueError("pass eval_dataset or eval_loader, not both")
+        eval_source = None
         if eval_dataset is not None:
             self._check_data(eval_dataset)
-            eval_loader = eval_dataset  # evaluate() batches it afresh each time, from the start
+            eval_source = {"eval_dataset": eval_dataset}  # evaluate() batches it afresh each time
+        elif eval_loader is not None:
+            eval_source = {"eval_loader": eval_loader}
         self._train_data = train_loader
-        return train_loader, eval_loader
+        return train_loader, eval_source
 
     def _restore_data_position(self, train_loader) -> None:
         if self._data_state is None:
@@ -265,7 +328,7 @@ class Trainer:
             self._data_pos = dict(self._data_state)
         self._data_state = None
 
-    def _loop(self, stream, eval_loader, total: int, t0: float, time_limit_s: float | None) -> None:
+    def _loop(self, stream, eval_source: dict | None, total: int, t0: float, time_limit_s: float | None) -> None:
         c = self.config
         warmup = c.warmup_steps if c.warmup_steps is not None else math.ceil(0.05 * total)
         bar = _progress_bar(total, self.step) if c.progress and self.is_main else None
@@ -280,8 +343,8 @@ class Trainer:
                 if self.step % c.log_every == 0 or self.step == total:
                     self._log(window, bar)
                     window = []
-                if eval_loader is not None and c.eval_every and self.step % c.eval_every == 0:
-                    self._log_eval(eval_loader, bar)
+                if eval_source is not None and c.eval_every and self.step % c.eval_every == 0:
+                    self._log_eval(eval_source, bar)
                 if c.save_every and self.step % c.save_every == 0:
                     self.save()
         finally:
@@ -324,7 +387,8 @@ class Trainer:
         return ids.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def _train_step(self, stream) -> dict:
-        """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; a step whose loss or
+        gradients are not finite is not applied (see ``train``)."""
         c, t0 = self.config, time.perf_counter()
         self.model.train()
         accum, loss_sum, tokens = c.gradient_accumulation_steps, 0.0, 0
@@ -337,38 +401,69 @@ class Trainer:
             loss_sum = loss_sum + loss.detach().float()
             tokens += ids.numel()
         loss = self._mean_over_ranks((loss_sum / accum).item())  # every rank sees the same, stops together
-        if not math.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            where = latest_checkpoint(self._checkpoint_root()) if c.out_dir else None
-            raise FloatingPointError(
-                f"loss is {loss} at step {self.step + 1}; stopped before updating the weights. "
-                f"Last good checkpoint: {where or 'none written'}. Try a lower lr (now "
-                f"{self.optimizer.param_groups[0]['lr']:.3g}) or gradient_clip"
-                + (", or bf16 instead of fp16" if c.precision == "fp16" else ""))
         self.scaler.unscale_(self.optimizer)
-        norm = None
-        if c.gradient_clip is not None:
-            norm = nn.utils.clip_grad_norm_(self.module.parameters(), c.gradient_clip).item()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        norm = self._grad_norm()
+        if c.precision == "fp16":  # GradScaler skips a step with Inf/NaN gradients and lowers the scale
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            applied = math.isfinite(loss) and self.scaler.get_scale() >= scale
+        elif math.isfinite(loss) and math.isfinite(norm):
+            self.optimizer.step()
+            applied = True
+        else:
+            applied = False
+        if not applied and c.on_nonfinite == "raise" and (c.precision != "fp16" or not math.isfinite(loss)):
+            message = self._nonfinite_message(loss, norm)  # names the parameters: before zero_grad
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(message)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": loss, "tokens": tokens * self.world_size, "seconds": time.perf_counter() - t0,
-                "grad_norm": norm}
+        self.skipped_steps += not applied
+        return {"loss": loss, "tokens": tokens * self.data_parallel[1], "seconds": time.perf_counter() - t0,
+                "grad_norm": norm if c.gradient_clip is not None else None, "skipped": not applied}
+
+    def _grad_norm(self) -> float:
+        """The global gradient norm (NaN/Inf if any gradient is), clipping to ``gradient_clip``."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        norm = nn.utils.get_total_norm([p.grad for p in params])
+        # FSDP2: a DTensor over the shards; full_tensor() reduces it (the clip takes the DTensor itself)
+        value = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+        if self.config.gradient_clip is not None and math.isfinite(value):
+            nn.utils.clip_grads_with_norm_(params, self.config.gradient_clip, norm)
+        return value
+
+    def _nonfinite_message(self, loss: float, norm: float) -> str:
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm} (loss {loss:.4g})"
+        bad = [n for n, p in self.module.named_parameters() if p.grad is not None
+               and not bool(torch.isfinite(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).all())]
+        where = last_good_checkpoint(self._checkpoint_root()) if self.config.out_dir else None
+        names = f"; non-finite gradients in {', '.join(bad[:8])}" + (f" and {len(bad) - 8} more" if len(bad) > 8
+                                                                     else "") if bad else ""
+        return (f"{what} at step {self.step + 1}{names}; stopped before updating the weights. Last good "
+                f"checkpoint: {where or 'none written'}. Try a lower lr (now "
+                f"{self.optimizer.param_groups[0]['lr']:.3g}) or gradient_clip"
+                + (", or bf16 instead of fp16" if self.config.precision == "fp16" else "")
+                + ", or on_nonfinite='skip' to drop such steps")
 
     def _log(self, window: list[dict], bar) -> dict:
         seconds = sum(w["seconds"] for w in window)
-        line = {"step": self.step, "loss": sum(w["loss"] for w in window) / len(window),
+        finite = [w["loss"] for w in window if math.isfinite(w["loss"])]
+        line = {"step": self.step, "loss": sum(finite) / len(finite) if finite else None,
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "tokens_per_s": sum(w["tokens"] for w in window) / seconds}
-        if window[-1]["grad_norm"] is not None:
+        if any(w["skipped"] for w in window):
+            line["skipped_steps"] = sum(w["skipped"] for w in window)
+        if window[-1]["grad_norm"] is not None and math.isfinite(window[-1]["grad_norm"]):
             line["grad_norm"] = window[-1]["grad_norm"]
         if self.config.precision == "fp16":
             line["loss_scale"] = self.scaler.get_scale()
         if self.config.log_memory_usage:
             line["peak_memory_kind"], line["peak_memory_bytes"] = _peak_memory(self.device)
         if bar is not None:
-            post = {"loss": f"{line['loss']:.3f}", "tok/s": f"{line['tokens_per_s']:.0f}"}
+            post = {"loss": f"{line['loss']:.3f}" if finite else "-", "tok/s": f"{line['tokens_per_s']:.0f}"}
             if "peak_memory_bytes" in line:
                 post["mem"] = f"{line['peak_memory_bytes'] / 2**20:.0f}MiB"
             bar.set_postfix(post, refresh=False)
@@ -376,8 +471,8 @@ class Trainer:
         self._write_metrics(line)
         return line
 
-    def _log_eval(self, eval_loader, bar) -> dict:
-        line = {"step": self.step, "eval_loss": self.evaluate(eval_loader)}
+    def _log_eval(self, eval_source: dict, bar) -> dict:
+        line = {"step": self.step, "eval_loss": self.evaluate(**eval_source)}
         if bar is not None:
             bar.write(f"step {self.step}: eval loss {line['eval_loss']:.4f}")
         self._write_metrics(line)
@@ -392,11 +487,19 @@ class Trainer:
                 f.write(json.dumps(line) + "\n")
 
     @torch.no_grad()
-    def evaluate(self, data) -> float:
-        """Mean loss over the first ``config.eval_batches`` batches of ``data`` (a dataset, batched here
-        in order, or an iterable of batches)."""
-        if hasattr(data, "__getitem__") and not isinstance(data, (list, tuple)):
-            data = self._batches(data, shuffle=False, drop_last=self.world_size > 1)
+    def evaluate(self, eval_dataset=None, *, eval_loader=None) -> float:
+        """Mean loss over the first ``config.eval_batches`` batches of ``eval_dataset`` (map-style, items
+        [S], a list included: batched here in order, as ``train`` batches ``train_dataset``) or of
+        ``eval_loader`` (an iterable of batches, as ``train_loader``)."""
+        if (eval_dataset is None) == (eval_loader is None):
+            raise ValueError("pass exactly one of eval_dataset (items [S]) and eval_loader (batches [B, S])")
+        if eval_dataset is not None:
+            if not (hasattr(eval_dataset, "__getitem__") and hasattr(eval_dataset, "__len__")):
+                raise TypeError(f"eval_dataset must be map-style (len() and [i]), got "
+                                f"{type(eval_dataset).__name__}; pass an iterable of batches as eval_loader")
+            data = self._batches(eval_dataset, shuffle=False, drop_last=self.data_parallel[1] > 1)
+        else:
+            data = eval_loader
         was_training = self.module.training
         self.module.eval()
         total, n = 0.0, 0
@@ -457,6 +560,7 @@ class Trainer:
                 "config": asdict(self.config)}
 
     def load_state_dict(self, state: dict) -> None:
+        check_state(state, self.rank)
         self.step = state["step"]
         if state["optimizer"] is not None:
             self._load_optimizer_state(state["optimizer"])
@@ -469,19 +573,58 @@ class Trainer:
         self._data_state = state["data"]
 
     def save(self, root=None) -> Path:
-        """Write a checkpoint of the current step under ``root`` (default: out_dir/checkpoints)."""
+        """Write a checkpoint of the current step under ``root`` (default: out_dir/checkpoints).
+        FloatingPointError, on every rank and before anything is written, if a weight is not finite."""
         root = Path(root) if root is not None else self._checkpoint_root()
         path = root / f"step-{self.step:06d}"
+        bad = [n for n, p in self.module.named_parameters() if not bool(torch.isfinite(_local(p)).all())]
+        if self._mean_over_ranks(float(len(bad))) > 0:  # every rank stops, none waits in a gather
+            raise FloatingPointError(f"refusing to write checkpoint step {self.step}: non-finite weights in "
+                                     f"{', '.join(bad[:8]) or 'another rank'}")
         weights, state = self._model_state(), self.state_dict()  # every rank: these may gather
         if self.is_main:
-            config = getattr(self.module, "config", None)
-            meta = {"model_class": type(self.module).__name__}
-            if is_dataclass(config):
-                meta["model_config"] = asdict(config)
-            path = save_checkpoint(root, self.step, weights, state, meta, keep=self.config.keep_checkpoints)
+            path = save_checkpoint(root, self.step, weights, state, model_metadata(self.module),
+                                   keep=self.config.keep_checkpoints)
         self._barrier()
         return path
 
-    def load(self, path) -> None:
-        """Load weights and trainer state from a checkpoint folder, or the latest one under a root."""
-        self.load_state_dict(load_checkpoint(path, self.module))
+    def load(self, path, allow_config_changes: Iterable[str] | bool = ()) -> None:
+        """Load weights and trainer state from a checkpoint folder, or the latest one under a root.
+        Everything is checked before anything changes: checksums, tensor shapes, the model class and
+        config (``allow_config_changes``: field names that may differ, or True), the state's layout."""
+        tensors, state = read_checkpoint(path, self.module, allow_config_changes)
+        check_state(state, self.rank)
+        self.module.load_state_dict(tensors)
+        self.load_state_dict(state)
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # FSDP2 DTensor: this rank's shard
+
+
+def check_state(state, rank: int = 0) -> None:
+    """ValueError unless ``state`` has the layout ``Trainer.state_dict`` writes (loading anything else
+    would fail half-way with a KeyError or a generator-size error)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"trainer state must be a dict, got {type(state).__name__}: not a trainer.pt "
+                         "written by Trainer.save")
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"trainer state lacks {missing} (has {sorted(map(str, state))}): not a trainer.pt "
+                         "written by Trainer.save")
+    if isinstance(state["step"], bool) or not isinstance(state["step"], int) or state["step"] < 0:
+        raise ValueError(f"trainer state 'step' must be an int >= 0, got {state['step']!r}")
+    rng = state["rng"]
+    rng = [rng] if isinstance(rng, dict) else rng
+    cpu_size = torch.get_rng_state().numel()
+    if not isinstance(rng, list) or (rank < len(rng) and not _rng_ok(rng[rank], cpu_size)):
+        raise ValueError(f"trainer state 'rng' must hold, per rank, {{'cpu': uint8 tensor of {cpu_size} bytes, "
+                         f"'cuda': list}}; got {str(rng)[:120]}")
+    for key in ("optimizer", "scaler", "data"):
+        if state[key] is not None and not isinstance(state[key], dict):
+            raise ValueError(f"trainer state {key!r} must be a dict or None, got {type(state[key]).__name__}")
+
+
+def _rng_ok(entry, cpu_size: int) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("cpu"), Tensor) and entry["cpu"].dtype == torch.uint8
+            and entry["cpu"].numel() == cpu_size and isinstance(entry.get("cuda"), (list, tuple)))

@@ -1,0 +1,163 @@
+"""Sequence parallelism: each rank of a process group holds ``S / N`` tokens of every sequence.
+
+Everything position-wise (embedding, norms, projections, the FFN, the chunked head + loss) runs on the
+local shard unchanged; only attention needs other ranks' tokens. Two exact ways to give it them:
+
+* ``'all_to_all'`` (DeepSpeed-Ulysses): q, k, v ``[B, H, S/N, hd]`` (sequence shards) are exchanged
+  into ``[B, H/N, S, hd]`` (head shards), attention runs over the whole sequence for ``H/N`` heads,
+  and one more all-to-all brings the output back to sequence shards. Needs ``H % N == 0``; key/value
+  heads are split the same way when ``Hkv % N == 0`` and repeated up to ``H`` otherwise (GQA with fewer
+  key/value heads than ranks).
+* ``'all_gather'`` (the key/value all-gather of Llama 3's context parallelism): each rank keeps its
+  queries and gathers the keys and values of the ranks before it, then attends with a causal mask
+  aligned to the lower right. Any head count; causal models only.
+
+The collectives are functional collectives with autograd (``all_to_all_single_autograd``,
+``all_gather_tensor_autograd``), called inside the attention sub-function: the reversible backward,
+which re-runs each sub-function once, repeats them in the recompute and differentiates through them,
+so nothing from the forward's communication is kept.
+
+Gradients: each rank's parameters see the gradient of its own tokens' share of the loss. The model
+scales its loss so that the *average* of the ranks' gradients is the full gradient, which is what DDP
+and FSDP2 compute when they reduce over the group (``average_gradients`` does it for an unwrapped model).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+MODES = ("all_to_all", "all_gather")
+
+
+class SequenceParallel:
+    """Where a model's sequence is split: a process group (default: the whole world) and a mode.
+
+    Attach with ``enable_sequence_parallel(model, ...)``; every rank of ``group`` then calls the model
+    on the same full batch ``[B, S]`` (token ids are small), and each computes only its shard of
+    ``S / N`` positions (rank ``r`` holds positions ``[r S/N, (r+1) S/N)``).
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, mode: str = "all_to_all"):
+        if mode not in MODES:
+            raise ValueError(f"sequence parallel mode must be one of {MODES}, got {mode!r}")
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("sequence parallelism needs torch.distributed initialised (torchrun, then "
+                               "torch.distributed.init_process_group())")
+        self.group = group if group is not None else dist.group.WORLD
+        self.mode = mode
+        self.size = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+
+    def __deepcopy__(self, memo):  # a process group is a handle: copies of a model share it
+        return self
+
+    def __repr__(self) -> str:
+        return f"SequenceParallel(mode={self.mode!r}, size={self.size}, rank={self.rank})"
+
+    def local_slice(self, length: int) -> slice:
+        """This rank's positions of a sequence of ``length`` tokens."""
+        if length % self.size:
+            raise ValueError(f"sequence parallelism over {self.size} ranks needs a sequence length divisible "
+                             f"by {self.size}, got {length}; pad the batch or pick another length")
+        n = length // self.size
+        return slice(self.rank * n, (self.rank + 1) * n)
+
+    def check_heads(self, num_heads: int) -> None:
+        if self.mode == "all_to_all" and num_heads % self.size:
+            raise ValueError(f"all_to_all sequence parallelism splits the {num_heads} attention heads over "
+                             f"{self.size} ranks, which needs num_heads % {self.size} == 0; use "
+                             "mode='all_gather' (any head count)")
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        """Sum of ``t`` over the group (no autograd: for counts and logged values)."""
+        t = t.detach().clone()
+        dist.all_reduce(t, group=self.group)
+        return t
+
+
+def enable_sequence_parallel(model: torch.nn.Module, group: dist.ProcessGroup | None = None,
+                             mode: str = "all_to_all") -> SequenceParallel:
+    """Split ``model``'s sequences over the ranks of ``group`` (see ``SequenceParallel``).
+
+    ``model`` is a ``ReversibleTransformer`` / ``ReversibleGPT`` (or anything whose attention modules
+    are ``SelfAttention``). Every rank of the group must call the model together, with the same
+    ``input_ids``; ``out.loss`` is the loss of the whole batch on every rank, and the model's gradients,
+    averaged over the group (DDP, FSDP2 or ``average_gradients``), are those of one process running
+    the whole sequence.
+
+    Example (inside each process of ``torchrun --nproc-per-node 4``)::
+
+        sp = enable_sequence_parallel(model, mode="all_to_all")
+        model = torch.nn.parallel.DistributedDataParallel(model)
+        loss = model(input_ids).loss          # input_ids [B, S], S divisible by 4
+        loss.backward()                        # DDP averages: the full-sequence gradient
+    """
+    from ..layers.reversible_attention import SelfAttention
+    sp = SequenceParallel(group, mode)
+    attns = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    if not attns:
+        raise TypeError(f"{type(model).__name__} has no SelfAttention modules to split the sequence for")
+    config = getattr(model, "config", None)
+    if mode == "all_gather" and config is not None and not getattr(config, "causal", True):
+        raise ValueError("mode='all_gather' is for causal models; a bidirectional encoder needs "
+                         "mode='all_to_all'")
+    for m in attns:
+        sp.check_heads(m.num_heads)
+        m.sequence_parallel = sp
+    model.sequence_parallel = sp
+    return sp
+
+
+def disable_sequence_parallel(model: torch.nn.Module) -> None:
+    """Undo ``enable_sequence_parallel``: every rank runs whole sequences again."""
+    for m in model.modules():
+        if hasattr(m, "sequence_parallel"):
+            m.sequence_parallel = None
+
+
+def average_gradients(model: torch.nn.Module, sp: SequenceParallel) -> None:
+    """Average ``.grad`` over the group, for a model that no DDP/FSDP2 wrapper reduces."""
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=sp.group)   # a sum: gloo has no AVG reduction
+            p.grad.div_(sp.size)
+
+
+# --------------------------------------------------------------------------- attention
+def _fc():
+    import torch.distributed._functional_collectives as fc
+    return fc
+
+
+def seq_to_heads(x: Tensor, sp: SequenceParallel) -> Tensor:
+    """``[B, H, S/N, hd]`` sequence shard -> ``[B, H/N, S, hd]`` head shard (all-to-all)."""
+    B, H, L, hd = x.shape
+    n = sp.size
+    send = x.reshape(B, n, H // n, L, hd).transpose(0, 1).contiguous()        # (N dest, B, H/N, L, hd)
+    recv = _fc().all_to_all_single_autograd(send.flatten(), None, None, sp.group)
+    recv = recv.view(n, B, H // n, L, hd)                                      # (N src = seq chunk, ...)
+    return recv.permute(1, 2, 0, 3, 4).reshape(B, H // n, n * L, hd)
+
+
+def heads_to_seq(y: Tensor, sp: SequenceParallel) -> Tensor:
+    """``[B, H/N, S, hd]`` head shard -> ``[B, H, S/N, hd]`` sequence shard (all-to-all)."""
+    B, h, S, hd = y.shape
+    n = sp.size
+    send = y.reshape(B, h, n, S // n, hd).permute(2, 0, 1, 3, 4).contiguous()  # (N dest = seq chunk, ...)
+    recv = _fc().all_to_all_single_autograd(send.flatten(), None, None, sp.group)
+    recv = recv.view(n, B, h, S // n, hd)                                       # (N src = head group, ...)
+    return recv.transpose(0, 1).reshape(B, n * h, S // n, hd)
+
+
+def gather_seq(x: Tensor, sp: SequenceParallel) -> Tensor:
+    """``[B, H, S/N, hd]`` on every rank -> ``[B, H, S, hd]`` (all-gather along the sequence)."""
+    fc = _fc()   # torch >= 2.10 names it all_gather_single_autograd (gather_dim 0 only)
+    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+    return gather(x.movedim(2, 0).contiguous(), 0, sp.group).movedim(0, 2)
+
+
+def repeat_kv(k: Tensor, num_heads: int) -> Tensor:
+    """Key/value heads ``[B, Hkv, S, hd]`` repeated group-wise to ``num_heads`` (GQA -> MHA layout)."""
+    g = num_heads // k.shape[1]
+    return k if g == 1 else k.repeat_interleave(g, dim=1)

@@ -1,0 +1,142 @@
+"""Workers for tests/test_sequence_parallel.py (spawned processes joined by gloo; see _spawn.py).
+
+Every worker builds the same tiny model on every rank, runs it once on one process's worth of data
+with the whole sequence (the reference, no communication) and once with the sequence split over the
+ranks, and returns both losses and gradients for the test process to compare.
+"""
+from __future__ import annotations
+
+import copy
+
+import _spawn
+import torch
+
+from revnet_zero import ReversibleTransformer, TransformerConfig
+from revnet_zero.distributed import average_gradients, enable_sequence_parallel
+
+SEQ, BATCH = 24, 2   # 24 splits over 2, 3 and 4 ranks
+
+
+def build(num_kv_heads: int = 2, policy: str = "recompute", seed: int = 0, **overrides) -> ReversibleTransformer:
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(**{**dict(vocab_size=61, num_layers=3, d_model=48, num_heads=4,
+                                      num_kv_heads=num_kv_heads, max_seq_len=64, loss_chunk_size=7), **overrides})
+    model = ReversibleTransformer(cfg)
+    model.blocks.set_policy(policy)
+    return model
+
+
+def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 61, (BATCH, SEQ), generator=g)
+    labels = ids.clone()
+    labels[0, 5:9] = -100        # ignored targets, unevenly spread over the shards
+    labels[1, -3:] = -100
+    return ids, labels
+
+
+def grads(model) -> dict:
+    out = {}
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        g = p.grad
+        out[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
+    return out
+
+
+def reference(model, ids, labels) -> dict:
+    ref = copy.deepcopy(model)
+    ref.blocks.set_policy("store")
+    loss = ref(ids, labels=labels).loss
+    loss.backward()
+    return {"loss": loss.detach(), "grads": grads(ref)}
+
+
+def sp_worker(rank: int, world: int, mode: str, num_kv_heads: int, policy: str) -> dict:
+    """Sequence parallel (no data-parallel wrapper; ``average_gradients``) vs one process."""
+    model = build(num_kv_heads, policy)
+    ids, labels = batch()
+    want = reference(model, ids, labels)
+    sp = enable_sequence_parallel(model, mode=mode)
+    loss = model(ids, labels=labels).loss
+    loss.backward()
+    average_gradients(model, sp)
+    return {"loss": loss.detach(), "grads": grads(model), "want": want}
+
+
+def sp_fsdp2_worker(rank: int, world: int, mode: str) -> dict:
+    """Sequence parallel inside FSDP2 (``fully_shard`` per block, then the root) vs one process."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    model = build()
+    ids, labels = batch()
+    want = reference(model, ids, labels)
+    enable_sequence_parallel(model, mode=mode)
+    mesh = init_device_mesh("cpu", (world,))
+    for block in model.blocks.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    loss = model(ids, labels=labels).loss
+    loss.backward()
+    return {"loss": loss.detach(), "grads": grads(model), "want": want}
+
+
+def sp_eval_worker(rank: int, world: int) -> dict:
+    """Eval forward under no_grad with the sequence split: the same loss as one process."""
+    model = build().eval()
+    ids, labels = batch()
+    with torch.no_grad():
+        want = model(ids, labels=labels).loss
+        enable_sequence_parallel(model)
+        got = model(ids, labels=labels).loss
+    return {"loss": got, "want": want}
+
+
+def sp_refusals_worker(rank: int, world: int) -> dict:
+    """Bad configurations raise ValueError with the values in the message."""
+    messages = {}
+    model = build()
+    enable_sequence_parallel(model)
+    ids = torch.randint(0, 61, (1, SEQ + 1))
+    for name, fn in {
+        "odd length": lambda: model(ids),
+        "heads": lambda: enable_sequence_parallel(build(num_heads=3, num_kv_heads=3)),
+        "mode": lambda: enable_sequence_parallel(build(), mode="ring"),
+        "generate": lambda: model.eval().generate(ids[:, :4], max_new_tokens=2),
+    }.items():
+        try:
+            fn()
+        except ValueError as e:
+            messages[name] = str(e)
+    return messages
+
+
+def trainer_worker(rank: int, world: int, sequence_parallel: int, sharding_strategy: str,
+                   out_dir: str | None = None, steps: int | None = None, resume: bool = False) -> dict:
+    """DistributedReversibleTrainer with ``sequence_parallel`` ranks per sequence on the run of
+    ``_trainer_workers`` (its single-process reference sees the same global batches)."""
+    import _trainer_workers as T
+    from revnet_zero.training import DistributedReversibleTrainer
+    data_ranks = world // sequence_parallel
+    trainer = DistributedReversibleTrainer(T.build_model(), sharding_strategy=sharding_strategy,
+                                           sequence_parallel=sequence_parallel,
+                                           batch_size=T.GLOBAL_BATCH // data_ranks, out_dir=out_dir,
+                                           **T.TRAIN)
+    trainer.train(train_dataset=T.dataset(), num_steps=steps or T.STEPS, resume=resume)
+    if out_dir is not None and not resume:
+        trainer.save()
+    return {"params": T.params_of(trainer.module), "history": T.history_of(trainer)}
+
+
+def run(worker: str, world: int, **kwargs) -> list:
+    return _spawn.run_workers(__name__, worker, world, **kwargs)
+
+
+def trainer_refusal_worker(rank: int, world: int) -> str:
+    import _trainer_workers as T
+    from revnet_zero.training import DistributedReversibleTrainer
+    try:
+        DistributedReversibleTrainer(T.build_model(), sharding_strategy="ddp", sequence_parallel=3, **T.TRAIN)
+    except ValueError as e:
+        return str(e)
+    return "no error"

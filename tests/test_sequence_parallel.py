@@ -1,0 +1,116 @@
+"""Sequence parallelism (``revnet_zero.distributed``) against one process holding the whole sequence.
+
+Each rank holds S/N tokens; attention exchanges them by all-to-all (head shards) or gathers keys and
+values. The loss and every gradient must equal one process running the whole sequence, through the
+reversible backward (which repeats the collectives in its recompute) and with FSDP2 around it.
+Processes: 2 or 4 on CPU, gloo (``_spawn.py``).
+
+Tolerance (fp32, norm-wise relative error per parameter): the split run sums each weight gradient
+over tokens in N partial sums added by the all-reduce, and the loss in N partial sums; the rest is
+the same arithmetic. Measured 3.5e-7 to 4.3e-7 over 2 and 4 ranks, both modes, 1, 2 and 4 key/value
+heads; a wrong position offset or a missing share of the loss is O(1e-2) or more. 1e-6 separates them.
+"""
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # spawned workers import it by name
+import _sp_workers as W  # noqa: E402
+import _trainer_workers as T  # noqa: E402
+from helpers import worst_rel_err  # noqa: E402
+
+RTOL = 1e-6
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                                   reason="torch.distributed with gloo is not in this build")]
+
+
+def _assert_equal_to_one_process(results, what):
+    for rank, r in enumerate(results):
+        want = r["want"]
+        assert torch.allclose(r["loss"], want["loss"], rtol=RTOL, atol=0), \
+            f"{what} rank {rank}: loss {r['loss'].item()} vs one process {want['loss'].item()}"
+        err, name = worst_rel_err(r["grads"], want["grads"])
+        assert err <= RTOL, f"{what} rank {rank}: gradient of {name} off by {err:.3g} (> {RTOL})"
+
+
+@pytest.mark.parametrize("mode,world,num_kv_heads", [("all_to_all", 2, 2), ("all_gather", 2, 2),
+                                                      ("all_to_all", 4, 1), ("all_gather", 4, 2)])
+def test_loss_and_gradients_equal_one_process(mode, world, num_kv_heads):
+    """Both modes over 2 and 4 ranks; GQA with key/value heads dividing the ranks (2 over 2) and fewer
+    than the ranks (2 and 1 over 4: repeated up to the query heads)."""
+    results = W.run("sp_worker", world, mode=mode, num_kv_heads=num_kv_heads, policy="recompute")
+    _assert_equal_to_one_process(results, f"{mode} over {world} ranks, {num_kv_heads} kv heads")
+
+
+@pytest.mark.parametrize("policy", ["store_attention", "store"])
+def test_memory_policies_compose(policy):
+    """Kept attention (the recompute skips the kernel but repeats the all-to-alls) and plain autograd."""
+    _assert_equal_to_one_process(W.run("sp_worker", 2, mode="all_to_all", num_kv_heads=2, policy=policy),
+                                 policy)
+
+
+@pytest.mark.parametrize("mode", ["all_to_all", "all_gather"])
+def test_fsdp2_per_block_composes(mode):
+    _assert_equal_to_one_process(W.run("sp_fsdp2_worker", 2, mode=mode), f"FSDP2 + {mode}")
+
+
+def test_eval_forward_equals_one_process():
+    for r in W.run("sp_eval_worker", 2):
+        assert torch.allclose(r["loss"], r["want"], rtol=RTOL, atol=0), (r["loss"], r["want"])
+
+
+def test_bad_configurations_are_refused_with_the_values():
+    messages = W.run("sp_refusals_worker", 2)[0]
+    assert "divisible by 2, got 25" in messages["odd length"]
+    assert "3 attention heads" in messages["heads"] and "all_gather" in messages["heads"]
+    assert "'ring'" in messages["mode"]
+    assert "disable_sequence_parallel" in messages["generate"]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return T.single_process_run()
+
+
+@pytest.mark.parametrize("world,strategy", [(2, "ddp"), (4, "fsdp")])
+def test_trainer_equals_one_process_with_the_global_batch(reference, world, strategy):
+    """``sequence_parallel=2``: 2 ranks split each sequence; over 4 ranks, 2 data shards of 2."""
+    for rank, r in enumerate(W.run("trainer_worker", world, sequence_parallel=2, sharding_strategy=strategy)):
+        for got, want in zip(r["history"], reference["history"]):
+            assert got["loss"] == pytest.approx(want["loss"], rel=RTOL), (rank, got, want)
+        err, name = worst_rel_err(r["params"], reference["params"])
+        assert err <= 1e-5, f"rank {rank}: {name} off by {err:.3g} after {T.STEPS} AdamW steps"
+
+
+def test_trainer_resume_is_bitwise(tmp_path):
+    whole = W.run("trainer_worker", 2, sequence_parallel=2, sharding_strategy="ddp")
+    W.run("trainer_worker", 2, sequence_parallel=2, sharding_strategy="ddp", out_dir=str(tmp_path), steps=T.HALF)
+    resumed = W.run("trainer_worker", 2, sequence_parallel=2, sharding_strategy="ddp", out_dir=str(tmp_path),
+                    resume=True)
+    for a, b in zip(resumed, whole):
+        for name in b["params"]:
+            assert torch.equal(a["params"][name], b["params"][name]), f"{name} differs after resume"
+
+
+def test_trainer_refuses_a_group_size_that_does_not_divide_the_world():
+    msg = W.run("trainer_refusal_worker", 2)[0]
+    assert "dividing the world size 2, got 3" in msg
+
+
+def test_launcher_smoke_on_cpu(tmp_path):
+    """The GPU sweep's own code path at tiny sizes: torchrun with 1 and 2 CPU processes (gloo), both
+    modes, the 1-vs-2 gradient check, and the weak-scaling table."""
+    from revnet_zero.benchmarks import sequence_parallel as bench
+    bench.main(["sweep", "--gpus", "1,2", "--model", "tiny", "--lengths", "16,32", "--repeats", "1",
+                "--grad-check", "--grad-check-len", "32", "--out-dir", str(tmp_path), "--timeout-s", "300"])
+    rows = __import__("json").loads(next(tmp_path.glob("sequence_parallel_*.json")).read_text())
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert {(r["gpus"], r["mode"]) for r in steps} == {(1, "single"), (2, "all_to_all"), (2, "all_gather")}
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in steps)
+    assert all("weak_scaling_efficiency" in r for r in steps)
+    checks = [r for r in rows if r["kind"] == "grad_check"]
+    assert len(checks) == 2 and all(r["grad_rel_err"] < 1e-5 for r in checks), checks
+    assert "weak-scaling" in next(tmp_path.glob("sequence_parallel_*.md")).read_text()
