@@ -6,6 +6,7 @@ checkpoint, and samples some text. ``revnet-zero demo`` runs it; ``run_demo`` is
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import sysconfig
@@ -104,6 +105,15 @@ def _sample(model, tok, seq_len: int, seed: int) -> str:
     return tok.decode(ids[0].tolist())
 
 
+def _check_sizes(minutes, **sizes) -> None:
+    """ValueError quoting the value, before anything is built or written."""
+    if isinstance(minutes, bool) or not (isinstance(minutes, (int, float)) and math.isfinite(minutes) and minutes > 0):
+        raise ValueError(f"minutes must be a finite number > 0, got {minutes!r}")
+    for name, v in sizes.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+
 def run_demo(out_dir="revnet-zero-demo", minutes: float = 3.0, steps: int | None = None,
              num_layers: int = 4, d_model: int = 256, num_heads: int = 4, seq_len: int = 256,
              batch_size: int = 4, lr: float = 2e-3, device: str | None = None, seed: int = 0,
@@ -112,6 +122,7 @@ def run_demo(out_dir="revnet-zero-demo", minutes: float = 3.0, steps: int | None
     given, else when ``minutes`` are up (the step count for the lr schedule is estimated from a
     timed step)."""
     t_start = time.perf_counter()
+    _check_sizes(minutes=minutes, steps=steps, batch_size=batch_size, seq_len=seq_len)
     dev = resolve_device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

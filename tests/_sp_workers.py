@@ -103,6 +103,7 @@ def sp_refusals_worker(rank: int, world: int) -> dict:
         "heads": lambda: enable_sequence_parallel(build(num_heads=3, num_kv_heads=3)),
         "mode": lambda: enable_sequence_parallel(build(), mode="ring"),
         "generate": lambda: model.eval().generate(ids[:, :4], max_new_tokens=2),
+        "variant": lambda: enable_sequence_parallel(build(attention="sliding_window", attention_window=4)),
     }.items():
         try:
             fn()

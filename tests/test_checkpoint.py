@@ -171,16 +171,19 @@ def test_temporaries_of_a_killed_save_are_cleaned_on_the_next_save_or_load(tmp_p
     import sys
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True)
+    import socket
+    host = socket.gethostname()
     pid = int(dead.stdout)  # a process that has exited: its leftovers may go
     path = save_checkpoint(tmp_path, 1, tiny(), {"step": 1})
-    leftovers = [path / f".model.safetensors.tmp-{pid}", tmp_path / f".latest.tmp-{pid}"]
-    live = path / f".trainer.pt.tmp-{os.getppid()}"  # a running writer's file stays
-    for f in [*leftovers, live]:
+    leftovers = [path / f".model.safetensors.tmp-{host}-{pid}", tmp_path / f".latest.tmp-{host}-{pid}"]
+    live = path / f".trainer.pt.tmp-{host}-{os.getppid()}"  # a running writer's file stays
+    elsewhere = path / f".trainer.pt.tmp-another-machine-{pid}"  # so does one written from another host
+    for f in [*leftovers, live, elsewhere]:
         f.write_bytes(b"half a file")
     load_checkpoint(tmp_path, tiny())
-    assert not any(f.exists() for f in leftovers) and live.exists()
+    assert not any(f.exists() for f in leftovers) and live.exists() and elsewhere.exists()
     (tmp_path / "step-000002").mkdir()
-    again = tmp_path / "step-000002" / f".model.safetensors.tmp-{pid}"
+    again = tmp_path / "step-000002" / f".model.safetensors.tmp-{host}-{pid}"
     again.write_bytes(b"half")
     save_checkpoint(tmp_path, 3, tiny(), {"step": 3})
     assert not again.exists()

@@ -160,6 +160,10 @@ def test_bad_sizes_and_an_output_folder_that_cannot_be_made_are_error_lines(tmp_
     r = invoke("demo", "--steps", 1, "--out-dir", blocker / "demo", "--device", "cpu")
     assert_error_line(r, "cannot write to the output folder")
     assert_error_line(invoke("profile", "--batch-size", 0, "--device", "cpu"), "--batch-size")
+    assert_error_line(invoke("demo", "--batch-size", 0, "--out-dir", tmp_path / "d", "--device", "cpu"),
+                      "batch_size must be an integer >= 1, got 0")
+    assert_error_line(invoke("demo", "--steps", 0, "--out-dir", tmp_path / "d", "--device", "cpu"),
+                      "steps must be an integer >= 1, got 0")
 
 
 @pytest.mark.parametrize("failure", ["oserror", "torch_zip_writer"])
@@ -203,3 +207,5 @@ def test_each_usage_line_names_its_subcommand(command):
     r = runner.invoke(app, [command, "--help"], prog_name="revnet-zero")
     assert r.exit_code == 0, r.output
     assert re.search(rf"^usage: revnet-zero {command}\b", r.output, flags=re.I | re.M), r.output[:300]
+    if command != "bench":  # (bench prints the benchmark runner's own help, which that module owns)
+        assert not re.search(r"DESIGN\.md|BENCHMARKS\.md|shared/|seed doc", r.output), r.output

@@ -94,9 +94,15 @@ def test_seed_readme_layers():
     assert rev_ffn.ffn.w_out.out_features == 2048 and rev_ffn.ffn.w_in.out_features == 8192
 
 
-def test_rational_attention_is_refused_by_name():
-    with pytest.raises(NotImplementedError, match="RationalFourierAttention"):
-        ReversibleAttention(64, 4, use_rational_attention=True)
+def test_rational_attention_builds_random_feature_attention():
+    from revnet_zero.layers import RationalFourierAttention
+    layer = ReversibleAttention(64, 4, use_rational_attention=True, num_fourier_features=16, kernel="laplacian")
+    assert isinstance(layer.attention, RationalFourierAttention) and layer.attention.kernel == "laplacian"
+    assert layer.attention.frequencies.shape == (8, 16)          # m / 2 frequencies for cos/sin features
+    y1, y2 = layer(torch.randn(1, 7, 64))
+    assert y1.shape == (1, 7, 64) and torch.isfinite(y1).all()
+    with pytest.raises(TypeError, match="only use_rational_attention=True takes"):
+        ReversibleAttention(64, 4, kernel="cauchy")
 
 
 def test_bad_layer_arguments_raise_with_values():

@@ -30,8 +30,9 @@ def fast(**kw):
 
 
 class NaNGradientOnCall(nn.Module):
-    """Adds ``where(c, sqrt(negative), 0)`` to the loss on forward call ``bad_call``: the loss stays
-    finite, the gradient of every head weight is NaN (0 * inf in sqrt's backward)."""
+    """Adds ``where(c, sqrt(negative), 0)`` to the loss on forward call ``bad_call`` (or on every call:
+    ``'every'``): the loss stays finite, the gradient of every head weight is NaN (0 * inf in sqrt's
+    backward)."""
 
     def __init__(self, model, bad_call):
         super().__init__()
@@ -40,7 +41,7 @@ class NaNGradientOnCall(nn.Module):
     def forward(self, ids, labels=None):
         out = self.model(ids, labels=labels)
         self.calls += 1
-        if self.calls == self.bad_call:
+        if self.bad_call == "every" or self.calls == self.bad_call:
             neg = -self.model.head.weight.square().sum() - 1.0
             out.loss = out.loss + torch.where(neg > 0, neg.sqrt(), torch.zeros_like(neg))
         return out
@@ -141,3 +142,23 @@ def test_a_healthy_run_skips_nothing():
     trainer = Trainer(tiny(), **fast())
     summary = trainer.train(train_dataset=train_data(), num_steps=2)
     assert summary["skipped_steps"] == 0 and math.isfinite(summary["loss"])
+
+
+def test_a_non_finite_override_to_train_is_refused_before_any_step():
+    trainer = Trainer(tiny(), **fast())
+    before = weights(trainer.module)
+    with pytest.raises(ValueError, match="gradient_clip must be a finite number, got nan"):
+        trainer.train(train_dataset=train_data(), num_steps=1, gradient_clip=float("nan"))
+    assert trainer.step == 0 and all(torch.equal(v, before[k]) for k, v in weights(trainer.module).items())
+
+
+def test_fp16_gradients_that_stay_non_finite_whatever_the_scale_stop_the_run():
+    """Every step's gradient is NaN: GradScaler would halve the scale forever; once it is below 1 the
+    trainer stops (with on_nonfinite='raise'), as the NaN cannot be an overflow of the scaling."""
+    model = NaNGradientOnCall(tiny(), bad_call="every")
+    trainer = Trainer(model, **fast(precision="fp16", device="cpu", batch_size=1))
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)  # skipped steps halve it: 4, 2, 1, 0.5
+    with pytest.raises(FloatingPointError, match=r"at step 4; non-finite gradients in .*loss scale fell to 0.5"):
+        trainer.train(train_dataset=train_data(), num_steps=10)
+    assert trainer.skipped_steps == 3
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -68,6 +68,7 @@ def test_bad_configurations_are_refused_with_the_values():
     assert "3 attention heads" in messages["heads"] and "all_gather" in messages["heads"]
     assert "'ring'" in messages["mode"]
     assert "disable_sequence_parallel" in messages["generate"]
+    assert "SlidingWindowAttention" in messages["variant"] and "softmax" in messages["variant"]
 
 
 @pytest.fixture(scope="module")

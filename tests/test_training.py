@@ -1,4 +1,4 @@
-"""The trainer: learning, bitwise resume, accumulation, precision, bad input, NaN, the seed's front doors."""
+"""The trainer: learning, bitwise resume, accumulation, precision, bad input, NaN, the front doors."""
 import json
 import math
 
@@ -153,10 +153,8 @@ def test_long_context_trainer_takes_the_seed_arguments_and_refuses_what_it_lacks
                             memory_efficient_optimizer=True)
     assert summary["step"] == len(train) // 2 // 2
     assert trainer.optimizer.defaults["foreach"] is False
-    with pytest.raises(ValueError, match="use_linear_attention_approximation"):
-        LongContextTrainer(tiny(), max_length=32, use_linear_attention_approximation=True)
-    with pytest.raises(ValueError, match="attention_window_size=4096"):
-        LongContextTrainer(tiny(), max_length=32, attention_window_size=4096)
+    with pytest.raises(ValueError, match="attention_window_size=8 and use_linear_attention_approximation=True"):
+        LongContextTrainer(tiny(), max_length=32, use_linear_attention_approximation=True, attention_window_size=8)
     with pytest.raises(ValueError, match="max_length=262144 exceeds the model's max_seq_len=32"):
         LongContextTrainer(tiny(), max_length=262144)
 
@@ -191,7 +189,7 @@ def test_distributed_trainer_needs_torch_distributed_initialised():
 
 
 def test_lists_of_sequences_train_and_evaluate_alike_and_the_run_is_saved_first(tmp_path):
-    """The seed's call: train_dataset and eval_dataset as lists of [S] tensors."""
+    """The documented call: train_dataset and eval_dataset as lists of [S] tensors."""
     train, val = data()
     train_list, val_list = [train[i] for i in range(len(train))], [val[i] for i in range(len(val))]
     trainer = LongContextTrainer(tiny(), max_length=32, **fast(out_dir=str(tmp_path / "a")))
@@ -203,3 +201,34 @@ def test_lists_of_sequences_train_and_evaluate_alike_and_the_run_is_saved_first(
     with pytest.raises(ValueError, match="input_ids must lie in"):
         broken.train(train_dataset=train_list, eval_dataset=[torch.full((32,), 999)], num_steps=2)
     assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step-000002"  # saved before evaluating
+
+
+@pytest.mark.parametrize("kwargs,attention", [(dict(attention_window_size=8), "sliding_window"),
+                                              (dict(use_linear_attention_approximation=True), "rational_fourier")])
+def test_long_context_trainer_switches_attention_keeping_weights(kwargs, attention):
+    from revnet_zero.layers.attention_variants import _VariantAttention
+    model = tiny()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.warns(UserWarning, match="replaced exact attention with .* in 2 blocks"):
+        trainer = LongContextTrainer(model, max_length=32, **kwargs, **fast())
+    assert model.config.attention == attention and "replaced" in trainer.attention_change
+    assert all(isinstance(b.coupling.f, _VariantAttention) for b in model.blocks.blocks)
+    after = dict(model.named_parameters())
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    train, val = data()
+    trainer.train(train_dataset=train, eval_dataset=val, num_epochs=1, batch_size=4)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.warns(UserWarning, match="already uses"):
+        LongContextTrainer(model, max_length=32, **kwargs, **fast())
+    other = dict(use_linear_attention_approximation=True) if "attention_window_size" in kwargs else \
+        dict(attention_window_size=8)
+    with pytest.raises(ValueError, match=f"the model uses attention='{attention}'"):
+        LongContextTrainer(model, max_length=32, **other, **fast())
+
+
+def test_resuming_with_another_kind_of_data_is_refused(tmp_path):
+    train, _ = data()
+    loader = [torch.stack([train[i], train[i + 1]]) for i in range(0, 8, 2)]
+    Trainer(tiny(), **fast(out_dir=str(tmp_path))).train(train_loader=loader, num_steps=2)
+    with pytest.raises(ValueError, match=r"data position .* does not fit this run's Batches .*same kind of data"):
+        Trainer(tiny(), **fast(out_dir=str(tmp_path))).train(train_dataset=train, num_steps=4, resume=True)

@@ -16,6 +16,11 @@ everything back on exit:
 | ``revnet_zero`` | policy ``'recompute'`` everywhere: the library's reversible backward |
 | ``revnet_zero:<policy>`` | any other engine policy (``revnet_zero.engine.POLICIES``) on every block |
 | ``full_ac:no_early_stop`` | ``full_ac`` whose recompute runs each block's whole forward (a diagnostic) |
+| ``single_standard`` | the baseline users would otherwise train: a standard pre-norm transformer with ONE |
+| | residual stream, ``x = x + F(x); x = x + G(x)`` per block, same F, G (attention kernel, FFN tiling), |
+| | weights and loss; plain autograd. The stream is in the autocast dtype when autocast is on (bf16 on |
+| | GPU, as a model trained in bf16 keeps it), else in the embedding's dtype. Additive couplings only. |
+| ``single_full_ac`` | ``single_standard`` with ``torch.utils.checkpoint(use_reentrant=False)`` per block |
 
 By default ``torch.utils.checkpoint`` stops a block's recompute as soon as the last tensor its backward
 saved is rebuilt, so it never recomputes a block's final projection and residual add (their backward
@@ -33,10 +38,12 @@ from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_conte
 
 from .. import engine
 from ..engine import ReversibleSequence
+from ..layers.coupling_layers import AdditiveCoupling
 
 PURE_MODES = ("standard", "full_ac", "selective_ac", "ac_offload", "revnet_zero")
 PEER_MODES = ("memcnn", "revlib")
-MODES = PURE_MODES + PEER_MODES
+BASELINE_MODES = ("single_standard", "single_full_ac")
+MODES = PURE_MODES + PEER_MODES + BASELINE_MODES
 DIAGNOSTIC_MODES = ("full_ac:no_early_stop",)
 
 
@@ -83,6 +90,38 @@ class CheckpointedStack(nn.Module):
         return x1, x2
 
 
+class SingleStreamStack(nn.Module):
+    """The blocks' F and G as a standard pre-norm transformer with one residual stream ``[B, S, D]``:
+    ``x = x + F(x); x = x + G(x)`` per block; returns ``(x, x)`` so the model's ``(y1 + y2) / 2`` is ``x``.
+
+    ``checkpointed``: each block under ``torch.utils.checkpoint(use_reentrant=False)`` (keeps only the
+    block's input stream). The stream is cast to the autocast dtype when autocast is on.
+    """
+
+    def __init__(self, seq: ReversibleSequence, checkpointed: bool = False):
+        super().__init__()
+        for i, block in enumerate(seq.blocks):
+            c = block.coupling
+            if not isinstance(c, AdditiveCoupling):
+                raise ValueError(f"single-stream modes need additive couplings with f and g; block {i} has "
+                                 f"{type(c).__name__}")
+        self.seq, self.checkpointed = seq, checkpointed
+
+    def forward(self, x1: Tensor, x2: Tensor | None = None, **kwargs) -> tuple[Tensor, Tensor]:
+        x = x1
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        for block in self.seq.blocks:
+            step = functools.partial(_single_block, block.coupling, **kwargs)
+            x = checkpoint(step, x, use_reentrant=False) if self.checkpointed else step(x)
+        return x, x
+
+
+def _single_block(c: nn.Module, x: Tensor, **kwargs) -> Tensor:
+    x = x + c.f(x, **kwargs).to(x.dtype)
+    return x + c.g(x, **kwargs).to(x.dtype)
+
+
 def _stream_inputs(seq: ReversibleSequence, x1: Tensor, x2: Tensor | None) -> tuple[Tensor, Tensor]:
     """The sequence's own input handling: ``x2`` defaults to ``x1``; streams cast to ``stream_dtype``."""
     if x2 is None:
@@ -122,6 +161,8 @@ def check_mode(mode: str) -> None:
 
 
 def _wrapper(mode: str, seq: ReversibleSequence) -> nn.Module:
+    if mode in BASELINE_MODES:
+        return SingleStreamStack(seq, checkpointed=mode == "single_full_ac")
     if mode in ("full_ac", "selective_ac", "ac_offload", "full_ac:no_early_stop"):
         return CheckpointedStack(seq, selective=mode == "selective_ac", offload=mode == "ac_offload",
                                  early_stop=mode != "full_ac:no_early_stop")

@@ -32,6 +32,7 @@ from .._autograd import leaf_aliases as _leaf_aliases, restored_rng as _restored
 from .._autograd import root_edge
 from ..ops.kept_attention import _side_stream
 from .grid import Signs, abs_max, check_range, from_grid, gammas, to_grid, update_backward, update_forward
+from .recorded import LayerCall
 from .wrapping import WrappedLayer, _Stack, layer_arguments
 
 
@@ -218,11 +219,12 @@ class _BDIAFunction(torch.autograd.Function):
             ctx.kept = saved   # parked tensors and the signs; nothing for autograd's saved-tensor hooks
         else:
             ctx.save_for_backward(*saved)
-        return out
+        sides = call.take_sides()   # recorded tensors (router logits): outputs too, see recorded.py
+        return (out, *[s.detach() for s in sides]) if sides else out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dout):
+    def backward(ctx, dout, *dsides):
         tape = ctx.tape
         saved = ctx.kept if ctx.offload else ctx.saved_tensors
         if ctx.offload and not _keep_graph():
@@ -247,7 +249,9 @@ class _BDIAFunction(torch.autograd.Function):
         # the update b = (1+γ)·y - 2γ·x is linear: dout·(1+γ) flows to y, through the layer
         g = gamma if gamma is None or isinstance(gamma, float) else gamma.to(dout.dtype)
         dy = dout if ctx.starts else dout * (1 + g)
-        gs = torch.autograd.grad(edge, [xg, *leaves], dy, allow_unused=True)
+        sides = ctx.call.take_sides()   # the recompute's recorded tensors, if the forward returned any
+        gs = torch.autograd.grad([edge, *sides], [xg, *leaves], [dy, *dsides], allow_unused=True)
+        del sides
         del dy
         dx = gs[0] if gs[0] is not None else torch.zeros_like(xg)
         by_id = {id(p): g for p, g in zip(needed, gs[1:])}
@@ -292,8 +296,11 @@ class BDIALayer(WrappedLayer):
         signs = None if self.starts else draw_signs(hidden_states.shape[0], hidden_states.device)
         params = [p for p in self.layer.parameters() if p.requires_grad]
         slot = (self.index, self.starts, self.ends, signs, self.m, self.offload)
-        out = _BDIAFunction.apply(self.layer, _Call(self.layer, args, kwargs), run.tape, slot,
-                                  run.prev, hidden_states, *params)
+        call = _Call(self.layer, args, kwargs)
+        out = _BDIAFunction.apply(self.layer, call, run.tape, slot, run.prev, hidden_states, *params)
+        if not isinstance(out, torch.Tensor):   # the layer's recorded tensors came back too
+            out, sides = out[0], out[1:]
+            call.recording.put(sides)
         run.prev = hidden_states
         self._leave(run, out)
         return out
@@ -302,15 +309,12 @@ class BDIALayer(WrappedLayer):
         return f"{super().extra_repr()}, gamma0=1/{2 ** self.m}" + (", offload" if self.offload else "")
 
 
-class _Call:
-    """``layer(x, *args, **kwargs)``: the layer with the arguments the model passed it."""
-
-    def __init__(self, layer: nn.Module, args: tuple, kwargs: dict):
-        self.layer, self.args, self.kwargs = layer, args, kwargs
+class _Call(LayerCall):
+    """``layer(x, *args, **kwargs)``: the layer with the arguments the model passed it (``LayerCall``)."""
 
     def __call__(self, x: Tensor) -> Tensor:
         with _adapter_input_casts_off(self.layer, x.device.type):
-            return self.layer(x, *self.args, **self.kwargs)
+            return super().__call__(x)
 
 
 def _plain_lora(module: nn.Module) -> bool:

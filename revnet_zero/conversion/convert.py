@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import copy
+import types
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from .bdia import BDIALayer
+from .families import FAMILIES, check_family, family_of
 from .grid import gamma_bits
 from .bdia_reference import BDIAReferenceLayer
 from .rmsnorm import lean_rmsnorm, plain_rmsnorm
@@ -20,7 +23,7 @@ COUPLINGS = ("bdia", "additive", "affine")
 LAYOUTS = {"GPT-2": ("ln_1", "attn", "ln_2", "mlp"),
            "Llama": ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")}
 SUPPORTED = ("GPT2Model, GPT2LMHeadModel, LlamaModel, LlamaForCausalLM and other Hugging Face models whose "
-             "decoder layers sit in a ModuleList at .h or .layers (Mistral, Qwen2, ...)")
+             "decoder layers sit in a ModuleList at .h or .layers (the tested families: conversion.families)")
 
 
 @dataclass
@@ -38,10 +41,12 @@ class ConversionReport:
     mlp_chunk: int | None = None       # positions per MLP tile in training (None: untiled)
     lean_norms: int = 0                # RMSNorm modules given the lean backward (rmsnorm.py)
     offload: bool = False              # bdia: grid tensors and kept bits in pinned host memory
+    family: str | None = None          # config.model_type (a key of conversion.families.FAMILIES if tested)
 
     def __str__(self) -> str:
+        tested = "" if self.family in FAMILIES else " (not a tested family)"
         lines = [f"convert_to_reversible: {self.model}, coupling={self.coupling!r} ({self.setting}), "
-                 f"{len(self.reversible) + len(self.checkpointed)} layers",
+                 f"{len(self.reversible) + len(self.checkpointed)} layers{tested}",
                  f"  reversible layers: {_ranges(self.reversible) or 'none'}"]
         if self.checkpointed:
             lines.append("  activation checkpointing (could not be made reversible):")
@@ -150,12 +155,15 @@ def _default_probe(model: nn.Module) -> Tensor:
 def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_segments: int | None = None, *,
                           gamma0: float = 0.5, scale: float = 0.5, probe: Tensor | None = None,
                           inplace: bool = False, verbose: bool = True,
-                          mlp_chunk_size: int | None = None, offload: bool = False) -> nn.Module:
+                          mlp_chunk_size: int | None = None, offload: bool = False,
+                          untested: bool = False) -> nn.Module:
     """A Hugging Face decoder model whose training keeps no per-layer activations.
 
-    Supported: GPT2Model, GPT2LMHeadModel, LlamaModel, LlamaForCausalLM and models whose decoder
-    layers have the same structure (Mistral, Qwen2, ...). The result is the same model class with
-    the same weights and output types (``.last_hidden_state``, ``.logits``, ``.loss``).
+    Supported: the families of ``revnet_zero.conversion.families.FAMILIES`` (GPT-2, Llama, Mistral,
+    Qwen2/2.5, Qwen3, Qwen3-MoE, Mixtral, Gemma 2, Gemma 3, Phi-3), each tested on its own config
+    class; another model is refused with that list unless ``untested=True``. The result is the same
+    model class with the same weights and output types (``.last_hidden_state``, ``.logits``, ``.loss``,
+    ``.aux_loss``).
 
     ``coupling``:
       * ``'bdia'`` (default): exact. Eval / ``torch.no_grad()`` run the original layers, so outputs
@@ -169,8 +177,8 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
     residual layer) run under activation checkpointing, one segment each (it keeps the layer's
     input); this is the most such layers allowed (``None``: no limit; ``0``: all must be reversible).
 
-    In the reversible layers, Llama-family RMSNorms (Llama, Mistral, Qwen2) keep only their input and
-    ``1/rms`` in training, with the same forward bits (``revnet_zero.conversion.rmsnorm``).
+    In the reversible layers, the RMSNorms of every tested family keep only their input and ``1/rms``
+    in training, with the same forward bits (``revnet_zero.conversion.rmsnorm``).
 
     ``mlp_chunk_size``: positions per MLP tile in training (``None``: untiled). At long context the
     MLP's intermediates are the layer's largest tensors (Llama-3-8B: three ``[S, 14336]``); tiled,
@@ -183,6 +191,9 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
     copies back (after each layer's backward) do not. GPU memory is then the weights plus one layer's
     working set, whatever the depth; host memory holds ``16 + L·m/8`` bytes per element. For the
     longest contexts; at short ones the copies cost more than they save.
+
+    ``untested``: convert a model of no tested family anyway (its layers must still have the pre-norm
+    residual form; the report says it is untested).
 
     The gap is measured in eval on ``probe`` (default: 32 random tokens) against the unconverted
     model; the report is printed (``verbose``) and kept as ``model.reversible_report``.
@@ -212,6 +223,11 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
     if coupling == "affine" and not 0 < scale < 1:
         raise ValueError(f"scale (the affine coupling's constant λ) must be in (0, 1), got {scale!r}")
     lam = 1.0 if coupling == "additive" else scale
+    if not isinstance(untested, bool):
+        raise TypeError(f"untested must be a bool, got {type(untested).__name__}")
+    if family_of(model) is None:
+        _layer_list(model)   # not a Hugging Face model: say what it lacks first
+    family = check_family(model, untested)
     _layer_list(model)
     if probe is None:
         probe = _default_probe(model)
@@ -234,11 +250,21 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
                               compared=f"{compared}, probe {tuple(probe.shape)}",
                               gap_max_abs=diff.abs().max().item(),
                               gap_rel=(diff.norm() / reference.double().norm().clamp_min(1e-300)).item(),
-                              mlp_chunk=mlp_chunk_size, lean_norms=lean, offload=offload)
+                              mlp_chunk=mlp_chunk_size, lean_norms=lean, offload=offload, family=family)
     model.reversible_report = report
+    model.gradient_checkpointing_enable = types.MethodType(_checkpointing_not_needed, model)  # deepcopy rebinds it
     if verbose:
         print(report)
     return model
+
+
+def _checkpointing_not_needed(self, *args, **kwargs) -> None:
+    """``gradient_checkpointing_enable`` of a converted model: a no-op with a notice. Trainers turn
+    checkpointing on by default (TRL's ``SFTConfig``); the reversible layers keep no activations, so
+    checkpointing would only run every layer once more. Layers that could not be made reversible are
+    checkpointed by the converter already."""
+    warnings.warn("revnet_zero: gradient_checkpointing_enable() ignored: the converted model's reversible layers "
+                  "keep no activations, so checkpointing would only recompute them again", UserWarning, stacklevel=2)
 
 
 def bdia_reference(model: nn.Module, gamma0: float = 0.5, mlp_chunk_size: int | None = None) -> nn.Module:
@@ -288,6 +314,6 @@ def convert_from_reversible(model: nn.Module, inplace: bool = False) -> nn.Modul
                 untile_mlp(m.layer.mlp)
             for mod in m.layer.modules():
                 plain_rmsnorm(mod)
-    if "reversible_report" in model.__dict__:
-        del model.reversible_report
+    for name in ("reversible_report", "gradient_checkpointing_enable"):
+        model.__dict__.pop(name, None)
     return model

@@ -1,14 +1,19 @@
-"""A memory-lean backward for Hugging Face's Llama-family RMSNorm, with its forward bit for bit.
+"""A memory-lean backward for Hugging Face's RMSNorms, with their forward bit for bit.
 
-``LlamaRMSNorm`` (and Mistral's, Qwen2's) is written as separate ops on a float32 copy of its input;
-autograd keeps that copy and, in backward, a handful of float32 ``[S, D]`` temporaries at once
-(measured: the largest item at the peak of a converted layer's backward). ``_RMSNorm`` runs the same
-ops in the same order, so its output equals the module's bitwise, but keeps only the input and the
-per-row ``1/rms``, and its backward (the analytic gradient, equal to autograd's to rounding) works
-in row tiles.
+``LlamaRMSNorm`` (and the same code in Mistral, Qwen2, Qwen3, Qwen3-MoE, Mixtral, Phi-3) is written
+as separate ops on a float32 copy of its input; autograd keeps that copy and, in backward, a handful
+of float32 ``[S, D]`` temporaries at once (measured: the largest item at the peak of a converted
+layer's backward). ``_RMSNorm`` runs the same ops in the same order, so its output equals the
+module's bitwise, but keeps only the input and the per-row ``1/rms``, and its backward (the analytic
+gradient, equal to autograd's to rounding) works in row tiles.
+
+Gemma 2 and Gemma 3 normalise the same way but scale by ``1 + weight`` in float32 and cast last
+(``(n · (1 + w)).to(dtype)``, where Llama casts ``n`` first and multiplies by ``w`` in the input's
+dtype): different rounding, so a second Function, ``_OnePlusRMSNorm``, with its own backward.
 
 ``lean_rmsnorm(module)`` overrides ``forward`` on the instance (training with grad only; the
 module, its weights and its state_dict are unchanged); ``plain_rmsnorm`` removes the override.
+A norm class not listed below keeps its own forward and autograd's backward.
 """
 from __future__ import annotations
 
@@ -19,15 +24,19 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 # classes whose forward is exactly: float32 copy, pow(2).mean(-1), rsqrt(+eps), scale, cast back,
-# times weight (Gemma's RMSNorm multiplies by 1 + weight and is not one of them)
-KNOWN = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+# times weight (eps in .variance_epsilon); tests/test_families.py pins each to its module bit for bit
+KNOWN = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Qwen3MoeRMSNorm", "MixtralRMSNorm",
+         "Phi3RMSNorm")
+# float32 copy, the same normalisation, times (1 + weight.float()), cast back last (eps in .eps)
+ONE_PLUS = ("Gemma2RMSNorm", "Gemma3RMSNorm")
 ROWS_ELEMENTS = 2 ** 24   # float32 elements per backward tile (64 MiB per temporary)
 _FLAG = "_revnet_lean_rmsnorm"
 
 
 def lean_rmsnorm(module: nn.Module) -> bool:
     """Give a known RMSNorm the lean backward; returns whether ``module`` is one."""
-    if type(module).__name__ not in KNOWN or not hasattr(module, "variance_epsilon"):
+    name = type(module).__name__
+    if not ((name in KNOWN and hasattr(module, "variance_epsilon")) or (name in ONE_PLUS and hasattr(module, "eps"))):
         return False
     setattr(module, _FLAG, True)
     module.forward = types.MethodType(_lean_forward, module)   # bound: deepcopy rebinds it to the copy
@@ -43,6 +52,8 @@ def plain_rmsnorm(module: nn.Module) -> None:
 def _lean_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
     if not (self.training and torch.is_grad_enabled()):
         return type(self).forward(self, hidden_states)
+    if type(self).__name__ in ONE_PLUS:
+        return _OnePlusRMSNorm.apply(hidden_states, self.weight, float(self.eps))
     return _RMSNorm.apply(hidden_states, self.weight, float(self.variance_epsilon))
 
 
@@ -77,6 +88,37 @@ class _RMSNorm(torch.autograd.Function):
                 dw += (d * n.to(x.dtype)).to(torch.float32).sum(0)
             if dx is not None:
                 dn = (d * weight).to(x.dtype).to(torch.float32)   # autograd's casts: to cast(n)'s dtype, then up
+                dx[i:i + step] = rs[i:i + step] * (dn - n * (dn * n).mean(-1, keepdim=True))
+        return (dx.view_as(x) if dx is not None else None,
+                dw.to(weight.dtype) if dw is not None else None, None)
+
+
+class _OnePlusRMSNorm(torch.autograd.Function):
+    """Gemma's ``(n · (1 + w.float())).to(x.dtype)`` with ``n`` the float32 normalised rows."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        n, r = _normed(x, eps)
+        ctx.save_for_backward(x, weight, r)
+        return (n * (1.0 + weight.float())).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        x, weight, r = ctx.saved_tensors
+        D = x.shape[-1]
+        xs, rs, ds = x.reshape(-1, D), r.reshape(-1, 1), dout.reshape(-1, D)
+        dx = torch.empty_like(xs) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros(D, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
+        scale = 1.0 + weight.float()
+        step = max(1, ROWS_ELEMENTS // D)
+        for i in range(0, xs.shape[0], step):
+            n = xs[i:i + step].to(torch.float32) * rs[i:i + step]
+            d = ds[i:i + step].to(torch.float32)              # the cast back's gradient, in float32
+            if dw is not None:
+                dw += (d * n).sum(0)
+            if dx is not None:
+                dn = d * scale
                 dx[i:i + step] = rs[i:i + step] * (dn - n * (dn * n).mean(-1, keepdim=True))
         return (dx.view_as(x) if dx is not None else None,
                 dw.to(weight.dtype) if dw is not None else None, None)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..couplings import StepCoupling
 from ..engine import ReversibleBlock, StreamTape, TapeSlot
+from .recorded import recording_active
 from .wrapping import WrappedLayer, _Stack, layer_arguments
 
 
@@ -89,6 +90,11 @@ class TwoStreamLayer(WrappedLayer):
         training = self.training and torch.is_grad_enabled()
         if training:
             self._check_layer()
+            if recording_active():
+                raise ValueError("the model records layer outputs in training (output_router_logits, "
+                                 "output_attentions or output_hidden_states); the two-stream couplings do not "
+                                 "differentiate them (a load-balancing loss would get no gradient): use "
+                                 "coupling='bdia', which does, or turn the recording off")
         args, kwargs = layer_arguments(self.layer, args, kwargs, training)
         run = self._enter(hidden_states)
         if self.starts:

@@ -103,6 +103,10 @@ def enable_sequence_parallel(model: torch.nn.Module, group: dist.ProcessGroup | 
         raise ValueError("mode='all_gather' is for causal models; a bidirectional encoder needs "
                          "mode='all_to_all'")
     for m in attns:
+        if type(m).forward is not SelfAttention.forward:
+            raise ValueError(f"sequence parallelism splits exact softmax attention; {type(m).__name__} "
+                             "(attention='" + str(getattr(config, "attention", "?")) + "') is not supported "
+                             "yet: use attention='softmax'")
         sp.check_heads(m.num_heads)
         m.sequence_parallel = sp
     model.sequence_parallel = sp

@@ -1,16 +1,14 @@
-"""Research features: continuous-depth reversible networks (exact reversible ODE integrators)."""
+"""Research features whose math may still change between releases: continuous-depth reversible
+networks (exact reversible ODE integrators) and hierarchical attention."""
 from .continuous_depth import (
-                               ContinuousDepthConfig,
-                               ContinuousDepthOutput,
-                               ContinuousDepthRevNet,
-                               TransformerVectorField,
+    ContinuousDepthConfig,
+    ContinuousDepthOutput,
+    ContinuousDepthRevNet,
+    TransformerVectorField,
 )
-from .ode_solvers import (
-                               AsyncLeapfrog,
-                               MomentumResidual,
-                               ReversibleHeun,
-                               ReversibleSolver,
-)
+from .hierarchical import HierarchicalReversibleAttention
+from .ode_solvers import AsyncLeapfrog, MomentumResidual, ReversibleHeun, ReversibleSolver
 
 __all__ = ["AsyncLeapfrog", "ContinuousDepthConfig", "ContinuousDepthOutput", "ContinuousDepthRevNet",
-           "MomentumResidual", "ReversibleHeun", "ReversibleSolver", "TransformerVectorField"]
+           "HierarchicalReversibleAttention", "MomentumResidual", "ReversibleHeun", "ReversibleSolver",
+           "TransformerVectorField"]

@@ -83,11 +83,6 @@ class SelfAttention(nn.Module):
         B, S, D = x.shape
         check_int32_numel(B * S * self.wo.out_features, f"the attention output [B={B}, S={S}, "
                           f"{self.wo.out_features}]", "Use a shorter sequence or a smaller batch.")
-        # one low-precision copy of the normed stream feeds q, k and v (autocast would make three)
-        h = rms_norm_cast(x, self.norm.weight, self.norm.eps, compute_dtype(self.norm.weight))
-        q = self.wq(h).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)       # (B, H, S, hd)
-        k = self.wk(h).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)    # (B, Hkv, S, hd)
-        v = self.wv(h).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         sp = self.sequence_parallel
         start = cache.length if cache is not None else 0
         if sp is not None:
@@ -95,8 +90,7 @@ class SelfAttention(nn.Module):
                 raise ValueError("decoding with a KV cache runs on one process; call "
                                  "revnet_zero.distributed.disable_sequence_parallel(model) first")
             start = sp.rank * S    # this rank's first position in the whole sequence
-        cos, sin = rope_cos_sin(start, S, self.head_dim, self.rope_theta, x.device)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.project(x, start)
         if cache is not None:
             if start > 0 and S > 1:
                 raise ValueError(f"the KV cache takes a prompt then one token at a time; got {S} tokens "
@@ -128,6 +122,21 @@ class SelfAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                               is_causal=mask is None)
 
+    def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """``x`` ``[B, S, D]`` (positions ``start ..``) -> RoPE'd q ``[B, H, S, hd]``, k and v ``[B, Hkv, S, hd]``."""
+        B, S, _ = x.shape
+        # one low-precision copy of the normed stream feeds q, k and v (autocast would make three)
+        h = rms_norm_cast(x, self.norm.weight, self.norm.eps, compute_dtype(self.norm.weight))
+        q = self.wq(h).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)       # (B, H, S, hd)
+        k = self.wk(h).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)    # (B, Hkv, S, hd)
+        v = self.wv(h).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope_cos_sin(start, S, self.head_dim, self.rope_theta, x.device)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def new_cache(self, max_len: int) -> KVCache:
+        """The decoding cache this attention reads: all keys and values."""
+        return KVCache(max_len)
+
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None, is_causal: bool):
         dropout_p = self.attention_dropout if self.training else 0.0
         if attention_mask is None:   # through kept_attention, so the kept-attention policies apply
@@ -156,12 +165,15 @@ class ReversibleAttention(ReversibleBlock):
     Followed by a ``ReversibleFFN`` (``y2 = x2 + FFN(y1)``) it is one standard reversible transformer
     block. Call it with one tensor ``[B, S, D]`` (taken as both streams) or two; it returns the pair of
     streams. ``coupling``: a ``CouplingType``, its name, or a fresh ``StepCoupling`` without ``f``.
-    ``use_rational_attention=True`` (random-Fourier-feature attention) is not built yet and raises.
+    ``use_rational_attention=True``: ``RationalFourierAttention`` (random-feature kernel attention, linear
+    in S; causal only) in place of exact attention; ``rational_options`` go to it
+    (``num_fourier_features``, ``kernel``, ``learnable_features``, ``seed``).
 
     Example::
 
         layer = ReversibleAttention(d_model=96, num_heads=4, coupling=CouplingType.ADDITIVE)
         hidden_states, coupling_output = layer(torch.randn(2, 11, 96))
+        linear = ReversibleAttention(96, 4, use_rational_attention=True, num_fourier_features=32)
     """
 
     def __init__(self, d_model: int, num_heads: int,
@@ -169,15 +181,20 @@ class ReversibleAttention(ReversibleBlock):
                  use_rational_attention: bool = False, attention_dropout: float = 0.0, *,
                  num_kv_heads: int | None = None, causal: bool = True, dropout: float = 0.0,
                  rope_theta: float = 10000.0, norm_eps: float = 1e-5, policy: str = "recompute",
-                 sdpa_backend: str = "cudnn"):
-        if use_rational_attention:
-            raise NotImplementedError(
-                "use_rational_attention=True needs RationalFourierAttention (random-Fourier-feature linear "
-                "attention), which is not built yet; use use_rational_attention=False "
-                "for exact softmax attention through scaled_dot_product_attention")
+                 sdpa_backend: str = "cudnn", **rational_options):
         c = make_coupling(coupling)
-        attn = SelfAttention(d_model, num_heads, num_kv_heads, causal, rope_theta, attention_dropout,
-                             dropout, norm_eps, out_multiplier=c.out_multiplier, sdpa_backend=sdpa_backend)
+        if rational_options and not use_rational_attention:
+            raise TypeError(f"ReversibleAttention got {sorted(rational_options)}, which only "
+                            "use_rational_attention=True takes")
+        if use_rational_attention:
+            from .attention_variants import RationalFourierAttention
+            attn = RationalFourierAttention(d_model, num_heads, num_kv_heads=num_kv_heads, causal=causal,
+                                            rope_theta=rope_theta, attention_dropout=attention_dropout,
+                                            dropout=dropout, norm_eps=norm_eps, out_multiplier=c.out_multiplier,
+                                            **rational_options)
+        else:
+            attn = SelfAttention(d_model, num_heads, num_kv_heads, causal, rope_theta, attention_dropout,
+                                 dropout, norm_eps, out_multiplier=c.out_multiplier, sdpa_backend=sdpa_backend)
         super().__init__(make_coupling(c, f=attn), policy=policy)
 
     @property

@@ -55,6 +55,16 @@ class TransformerConfig:
     ffn_chunk_size: int | None = 16384       # positions per FFN tile in forward and recompute; None = whole
     use_flash_attention: bool = True         # must be True: attention always runs through SDPA kernels
     attention_backend: str = "cudnn"         # SDPA kernel of reversible attention on CUDA, bf16/fp16: 'cudnn'/'flash'
+    # Which attention (docs/attention.md): 'softmax' (exact), 'sliding_window', 'hierarchical',
+    # 'rational_fourier'. Each variant reads only its own fields below; all are validated always.
+    attention: str = "softmax"
+    attention_window: int = 4096             # sliding_window: each query sees its last w tokens
+    hierarchy_levels: int = 3                # hierarchical: pooled levels, = len(compression_ratios)
+    compression_ratios: tuple[int, ...] = (4, 16, 64)  # hierarchical: tokens per pooled block, level by level
+    local_window: int = 1024                 # hierarchical: exact keys per query (w to w + r_1 - 1)
+    rf_kernel: str = "gaussian"              # rational_fourier: 'gaussian', 'laplacian' or 'cauchy'
+    rf_num_features: int = 64                # rational_fourier: random features per head (even for trig kernels)
+    rf_learnable: bool = False               # rational_fourier: train the frequencies (else a fixed buffer)
 
     def __post_init__(self):
         if isinstance(self.coupling, CouplingType):
@@ -63,6 +73,8 @@ class TransformerConfig:
             self.embed_scale = float(self.d_model) ** 0.5
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
+        if isinstance(self.compression_ratios, list):   # as JSON gives it back
+            self.compression_ratios = tuple(self.compression_ratios)
         if self.d_ff is None and self.ffn in FFN_KINDS and _is_int(self.d_model):
             self.d_ff = default_d_ff(self.d_model, self.ffn)
         self._validate()
@@ -104,10 +116,32 @@ class TransformerConfig:
         if self.stream_dtype is not None and not (isinstance(self.stream_dtype, torch.dtype)
                                                   and self.stream_dtype.is_floating_point):
             raise ValueError(f"stream_dtype must be a floating torch.dtype or None, got {self.stream_dtype!r}")
+        self._validate_attention()
         if self.loss_chunk_size * self.vocab_size > INT32_MAX_NUMEL:
             raise ValueError(f"loss_chunk_size={self.loss_chunk_size} x vocab_size={self.vocab_size} = "
                              f"{self.loss_chunk_size * self.vocab_size:,} logits per chunk, more than 2^31; "
                              "use a smaller loss_chunk_size")
+
+    def _validate_attention(self) -> None:
+        from ..ops.hierarchical_attention import HierarchySpec
+        from ..ops.random_features import check_kernel
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        for name in ("attention_window", "hierarchy_levels", "local_window"):
+            _positive_int(name, getattr(self, name))
+        HierarchySpec(self.local_window, self.compression_ratios)
+        if self.hierarchy_levels != len(self.compression_ratios):
+            raise ValueError(f"hierarchy_levels={self.hierarchy_levels} must equal the number of "
+                             f"compression_ratios {self.compression_ratios!r}")
+        check_kernel(self.rf_kernel, self.rf_num_features)
+        if not isinstance(self.rf_learnable, bool):
+            raise TypeError(f"rf_learnable must be a bool, got {self.rf_learnable!r}")
+        if self.attention != "softmax":
+            if not self.causal:
+                raise ValueError(f"attention={self.attention!r} is causal only; causal=False needs 'softmax'")
+            if self.attention_dropout:
+                raise ValueError(f"attention={self.attention!r} has no attention dropout; got "
+                                 f"attention_dropout={self.attention_dropout}")
 
     @property
     def head_dim(self) -> int:
@@ -115,12 +149,15 @@ class TransformerConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "TransformerConfig":
-        """A named shape (``PRESETS``: 'tiny', 'S', 'M', 'llama8b') with fields replaced by ``overrides``."""
+        """A named shape (``PRESETS``: 'tiny', 'S', 'M', 'llama8b', and 'S-sliding_window', 'S-hierarchical',
+        'S-rational_fourier') with fields replaced by ``overrides``."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
         _check_fields(overrides, f"TransformerConfig.preset({name!r})")
         return cls(**{**PRESETS[name], **overrides})
 
+
+ATTENTIONS = ("softmax", "sliding_window", "hierarchical", "rational_fourier")
 
 PRESETS = {
     # byte-level vocabulary; d not a power of two; GQA on: for tests and demos
@@ -131,6 +168,14 @@ PRESETS = {
     "llama8b": dict(vocab_size=128256, num_layers=32, d_model=4096, num_heads=32, num_kv_heads=8,
                     d_ff=14336, max_seq_len=131072, rope_theta=500000.0),
 }
+# model S with each attention variant, as the long-context benchmarks run them (up to 4M tokens)
+_S_LONG = dict(PRESETS["S"], max_seq_len=4194304)
+PRESETS.update({
+    "S-sliding_window": dict(_S_LONG, attention="sliding_window", attention_window=4096),
+    "S-hierarchical": dict(_S_LONG, attention="hierarchical", local_window=4096, hierarchy_levels=3,
+                           compression_ratios=(16, 64, 256)),
+    "S-rational_fourier": dict(_S_LONG, attention="rational_fourier", rf_kernel="gaussian", rf_num_features=64),
+})
 
 
 def resolve_config(config: TransformerConfig | None, overrides: dict, who: str,

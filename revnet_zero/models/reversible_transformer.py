@@ -28,13 +28,29 @@ EXTRA_RULES = {"rotation": RotationCoupling, "orthogonal": AdditiveCoupling}   #
 FFN_ACTIVATION = {"swiglu": ("silu", True), "geglu": ("gelu", True), "gelu": ("gelu", False)}
 
 
-def build_block(config: TransformerConfig) -> ReversibleBlock:
+def build_attention(config: TransformerConfig, out_multiplier: int = 1, layer: int = 0) -> SelfAttention:
+    """The attention sub-function ``config.attention`` names (``layer`` seeds random features)."""
+    if config.attention == "softmax":
+        return SelfAttention(config.d_model, config.num_heads, config.num_kv_heads, config.causal,
+                             config.rope_theta, config.attention_dropout, config.dropout, config.norm_eps,
+                             out_multiplier=out_multiplier, sdpa_backend=config.attention_backend)
+    from ..layers import attention_variants as av
+    common = dict(num_kv_heads=config.num_kv_heads, rope_theta=config.rope_theta, dropout=config.dropout,
+                  norm_eps=config.norm_eps, out_multiplier=out_multiplier)
+    if config.attention == "sliding_window":
+        return av.SlidingWindowAttention(config.d_model, config.num_heads, config.attention_window, **common)
+    if config.attention == "hierarchical":
+        return av.HierarchicalAttention(config.d_model, config.num_heads, config.hierarchy_levels,
+                                        config.compression_ratios, config.local_window, **common)
+    return av.RationalFourierAttention(config.d_model, config.num_heads, config.rf_num_features, config.rf_kernel,
+                                       config.rf_learnable, seed=layer, **common)
+
+
+def build_block(config: TransformerConfig, layer: int = 0) -> ReversibleBlock:
     """One reversible transformer block: attention as F, the FFN as G."""
     rule = EXTRA_RULES.get(config.coupling)
     c = rule() if rule is not None else make_coupling(config.coupling)
-    attn = SelfAttention(config.d_model, config.num_heads, config.num_kv_heads, config.causal,
-                         config.rope_theta, config.attention_dropout, config.dropout, config.norm_eps,
-                         out_multiplier=c.out_multiplier, sdpa_backend=config.attention_backend)
+    attn = build_attention(config, c.out_multiplier, layer)
     activation, gated = FFN_ACTIVATION[config.ffn]
     ffn = FeedForward(config.d_model, config.d_ff, activation, gated, config.dropout, config.norm_eps,
                       out_multiplier=c.out_multiplier, seq_chunk=config.ffn_chunk_size)
@@ -60,7 +76,7 @@ class ReversibleLM(nn.Module, abc.ABC):
             raise ValueError(f"{name} needs causal={self.causal}, got config.causal={c.causal}"
                              + ("; use ReversibleBERT for a bidirectional encoder" if self.causal else ""))
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
-        self.blocks = ReversibleSequence([build_block(c) for _ in range(c.num_layers)],
+        self.blocks = ReversibleSequence([build_block(c, i) for i in range(c.num_layers)],
                                          stream_dtype=c.stream_dtype)
         self.norm = nn.RMSNorm(c.d_model, eps=c.norm_eps)
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
@@ -197,9 +213,10 @@ class ReversibleTransformer(ReversibleLM):
                  top_k: int | None = None) -> Tensor:
         """Continue ``input_ids`` ``[B, S0]`` by ``max_new_tokens`` sampled tokens -> ``[B, S0 + new]``.
 
-        ``temperature=0`` decodes greedily. A per-layer KV cache makes each new token cost one position
-        (a plain forward: the reversible structure plays no part at eval). Call ``model.eval()`` first
-        to turn dropout off.
+        ``temperature=0`` decodes greedily. A per-layer cache (the attention's ``new_cache``: all keys and
+        values for exact attention; a fixed-size window, pooled hierarchy or feature state for the
+        variants) makes each new token cost one position (a plain forward: the reversible structure
+        plays no part at eval). Call ``model.eval()`` first to turn dropout off.
         """
         self._check_ids(input_ids)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -212,7 +229,7 @@ class ReversibleTransformer(ReversibleLM):
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-        caches = [KVCache(total) for _ in self.blocks.blocks]
+        caches = [b.coupling.f.new_cache(total) for b in self.blocks.blocks]
         ids, step = input_ids, input_ids
         for _ in range(max_new_tokens):
             step = _sample(self._cached_step(step, caches), temperature, top_k)   # (B, 1)

@@ -119,6 +119,13 @@ def using_store(store: AttentionStore | None, recording: bool):
         _STORE.reset(token)
 
 
+def keeping() -> bool:
+    """True inside a block forward or recompute whose policy keeps attention outputs
+    (``store_attention`` / ``offload_attention``)."""
+    store = _STORE.get()
+    return store is not None and store.keep
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, dropout_p: float = 0.0,
               scale: float | None = None, cuda_backend: str = "cudnn") -> Tensor:
     """``F.scaled_dot_product_attention`` on ``[B, H, S, hd]`` (k, v may have fewer heads: GQA).

@@ -1,4 +1,4 @@
-"""Training: one ``Trainer`` and the seed's three front doors over it, checkpoints, activation memory."""
+"""Training: one ``Trainer`` and three front doors over it, checkpoints, activation memory."""
 from .activation_memory import compare_policies, count_saved_tensors, cuda_peak_bytes, saved_bytes
 from .checkpoint import (atomic_write, latest_checkpoint, load_checkpoint, load_weights, read_weights,
                          save_checkpoint, save_weights)

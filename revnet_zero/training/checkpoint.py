@@ -26,6 +26,7 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, is_dataclass
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 WEIGHTS, STATE, LATEST, CHECKSUMS = "model.safetensors", "trainer.pt", "latest", "checksums.json"
-TMP_MARK = ".tmp-"   # temporary files are named .{name}.tmp-{pid} beside their target
+TMP_MARK = ".tmp-"   # temporary files are named .{name}.tmp-{host}-{pid} beside their target
 
 
 def _safetensors():
@@ -57,7 +58,7 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write(path, write) -> None:
     """Call ``write(tmp_path)``, fsync the result, then rename it onto ``path`` in one step."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{_writer_id()}")
     try:
         try:
             write(tmp)
@@ -219,20 +220,26 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
+def _writer_id() -> str:
+    """host-pid: on a shared file system, another machine's pids say nothing about our processes."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def clean_temporaries(folder) -> list[Path]:
     """Delete the temporary files that a writer killed mid-save left in ``folder`` and its step-*
-    folders. Only those of processes no longer running on this machine go (a live writer's stay);
-    returns the paths deleted."""
+    folders. Only those written from this machine by a process no longer running go: a live writer's
+    stay, and so do other machines' (a reader elsewhere on a shared file system cannot tell whether
+    their writer still runs). Returns the paths deleted."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    removed = []
+    removed, host = [], socket.gethostname()
     for tmp in [*folder.glob(f".*{TMP_MARK}*"), *folder.glob(f"step-*/.*{TMP_MARK}*")]:
-        pid = tmp.name.rsplit(TMP_MARK, 1)[1]
-        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+        writer_host, _, pid = tmp.name.rsplit(TMP_MARK, 1)[1].rpartition("-")
+        if writer_host != host or not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
             continue
         # a read-only copy of a checkpoint can still be loaded: leaving its leftovers is harmless
-        with contextlib.suppress(FileNotFoundError, PermissionError, OSError):
+        with contextlib.suppress(OSError):
             tmp.unlink()
             removed.append(tmp)
     return removed

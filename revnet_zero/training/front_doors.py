@@ -1,6 +1,6 @@
-"""The seed's three trainer names: thin front doors over ``Trainer`` that take the seed's arguments.
+"""Three trainer names: thin front doors over ``Trainer`` with arguments of their own.
 
-A seed argument that asks for something RevNet-Zero does not do raises a ValueError saying so; none
+An argument that asks for something RevNet-Zero does not do raises a ValueError saying so; none
 is accepted and ignored.
 """
 from __future__ import annotations
@@ -15,10 +15,11 @@ class LongContextTrainer(Trainer):
     """Trainer for long sequences: ``max_length`` tokens per sequence, gradients accumulated over
     ``gradient_accumulation_steps`` micro-batches.
 
-    ``use_linear_attention_approximation`` and ``attention_window_size`` would change the model's
-    attention, which is the model's choice, not the trainer's: build the model with the attention you
-    want (exact attention, or ``revnet_zero.layers.RationalFourierAttention`` for linear attention).
-    Turning them on here raises a ValueError.
+    ``attention_window_size=w`` switches a model built with exact attention to sliding-window attention
+    over the last w tokens, ``use_linear_attention_approximation=True`` to random-feature (linear)
+    attention, keeping the weights, with a warning saying so (``self.attention_change``); a model that
+    already uses that attention is left as it is. Building the model with ``TransformerConfig(attention=
+    ...)`` is the direct way (see docs/attention.md).
 
     Example::
 
@@ -29,16 +30,12 @@ class LongContextTrainer(Trainer):
     def __init__(self, model: nn.Module, max_length: int | None = None, gradient_accumulation_steps: int = 1,
                  use_linear_attention_approximation: bool = False, attention_window_size: int | None = None,
                  config: TrainingConfig | None = None, **overrides):
-        if use_linear_attention_approximation:
-            raise ValueError("use_linear_attention_approximation=True: the trainer cannot swap a model's "
-                             "attention; build the model with RationalFourierAttention layers instead")
-        if attention_window_size is not None:
-            raise ValueError(f"attention_window_size={attention_window_size}: windowed attention is not a "
-                             "trainer option; RevNet-Zero trains exact attention over the whole sequence "
-                             "(leave attention_window_size=None)")
         model_max = getattr(getattr(model, "config", None), "max_seq_len", None)
         if max_length is not None and model_max is not None and max_length > model_max:
             raise ValueError(f"max_length={max_length} exceeds the model's max_seq_len={model_max}")
+        from .attention_options import apply_attention_options
+        self.attention_change = apply_attention_options(model, attention_window_size,
+                                                        use_linear_attention_approximation)
         super().__init__(model, config, max_length=max_length,
                          gradient_accumulation_steps=gradient_accumulation_steps, **overrides)
 

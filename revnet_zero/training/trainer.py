@@ -32,6 +32,14 @@ STATE_KEYS = ("step", "optimizer", "scaler", "rng", "data")  # what a trainer.pt
 
 @dataclass
 class TrainingConfig:
+    """Options of ``Trainer``; every float finite and in range (checked here, not at the first step).
+
+    Example::
+
+        config = TrainingConfig(lr=1e-3, batch_size=16, on_nonfinite="skip")
+        trainer = Trainer(model, config, out_dir="run")    # keywords override the config's fields
+    """
+
     lr: float = 3e-4                          # peak learning rate of AdamW
     weight_decay: float = 0.1                 # on weight matrices and embeddings only (dim >= 2)
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas, each in [0, 1)
@@ -58,7 +66,8 @@ class TrainingConfig:
     on_nonfinite: str = "raise"               # a step with NaN/Inf loss or gradients is never applied;
                                               # 'raise': stop, naming the parameters; 'skip': drop the step
                                               # and go on (counted in the metrics). fp16 loss scaling
-                                              # always skips overflowing steps, as GradScaler does
+                                              # skips overflowing steps, as GradScaler does, and 'raise'
+                                              # stops once they overflow with the scale below 1
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -322,10 +331,18 @@ class Trainer:
     def _restore_data_position(self, train_loader) -> None:
         if self._data_state is None:
             return
-        if hasattr(train_loader, "load_state_dict"):
-            train_loader.load_state_dict(self._data_state)
+        state, skipping = self._data_state, not hasattr(train_loader, "load_state_dict")
+        # (a loader of the user's own with state_dict() checks its state itself)
+        keys = {"epoch", "batch"} if skipping else set(train_loader.state_dict()) if isinstance(
+            train_loader, Batches) else set()
+        if not keys <= set(state):  # a position saved for another kind of data
+            raise ValueError(f"the checkpoint's data position {state} does not fit this run's "
+                             f"{'train_loader' if skipping else type(train_loader).__name__} (it needs "
+                             f"{sorted(keys)}): resume with the same kind of data as the run that saved it")
+        if skipping:
+            self._data_pos = {"epoch": state["epoch"], "batch": state["batch"]}
         else:
-            self._data_pos = dict(self._data_state)
+            train_loader.load_state_dict(state)
         self._data_state = None
 
     def _loop(self, stream, eval_source: dict | None, total: int, t0: float, time_limit_s: float | None) -> None:
@@ -413,8 +430,13 @@ class Trainer:
             applied = True
         else:
             applied = False
-        if not applied and c.on_nonfinite == "raise" and (c.precision != "fp16" or not math.isfinite(loss)):
+        # fp16: skipping is how loss scaling finds its scale; once the scale is below 1 the scaled
+        # gradients are smaller than the true ones, so what still overflows is not the scaling's doing
+        scaling = c.precision == "fp16" and math.isfinite(loss) and self.scaler.get_scale() >= 1.0
+        if not applied and c.on_nonfinite == "raise" and not scaling:
             message = self._nonfinite_message(loss, norm)  # names the parameters: before zero_grad
+            if c.precision == "fp16" and math.isfinite(loss):
+                message += f" (fp16: the loss scale fell to {self.scaler.get_scale():.3g} and still overflows)"
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(message)
         self.optimizer.zero_grad(set_to_none=True)
@@ -437,11 +459,13 @@ class Trainer:
 
     def _nonfinite_message(self, loss: float, norm: float) -> str:
         what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm} (loss {loss:.4g})"
-        bad = [n for n, p in self.module.named_parameters() if p.grad is not None
-               and not bool(torch.isfinite(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).all())]
+        bad = [n for n, p in self.module.named_parameters()
+               if p.grad is not None and not bool(torch.isfinite(_local(p.grad)).all())]
+        names = ""
+        if bad:  # on this rank: under FSDP2 each rank sees its own shards
+            names = f"; non-finite gradients in {', '.join(bad[:8])}" + (f" and {len(bad) - 8} more"
+                                                                         if len(bad) > 8 else "")
         where = last_good_checkpoint(self._checkpoint_root()) if self.config.out_dir else None
-        names = f"; non-finite gradients in {', '.join(bad[:8])}" + (f" and {len(bad) - 8} more" if len(bad) > 8
-                                                                     else "") if bad else ""
         return (f"{what} at step {self.step + 1}{names}; stopped before updating the weights. Last good "
                 f"checkpoint: {where or 'none written'}. Try a lower lr (now "
                 f"{self.optimizer.param_groups[0]['lr']:.3g}) or gradient_clip"
