@@ -74,7 +74,8 @@ def test_cuda_kept_attention_backends(backend):
     from helpers import MLP
     torch.manual_seed(0)
     d = 1024
-    stack = ReversibleSequence([AdditiveCoupling(Attn(d, 16, 4, backend), MLP(d, hidden=2816)) for _ in range(6)]).cuda()
+    blocks = [AdditiveCoupling(Attn(d, 16, 4, backend), MLP(d, hidden=2816)) for _ in range(6)]
+    stack = ReversibleSequence(blocks).cuda()
     x, w1, w2 = (torch.randn(1, 4096, d, device="cuda") for _ in range(3))
     results = {}
     for policy in ("recompute", "store_attention", "offload_attention"):
