@@ -7,15 +7,15 @@ from helpers import MLP, rel_err
 
 from revnet_zero import AdditiveCoupling, ReversibleSequence
 from revnet_zero.memory import attention
-from revnet_zero.reference import reference_forward
+from revnet_zero.plain_reference import reference_forward
 
 
 class Attn(nn.Module):
     """LayerNorm -> q, k, v -> kept-attention-aware SDPA -> out projection. [B, S, D] -> [B, S, D]."""
 
-    def __init__(self, d, heads, kv_heads):
+    def __init__(self, d, heads, kv_heads, backend="cudnn"):
         super().__init__()
-        self.h, self.kv, self.hd = heads, kv_heads, d // heads
+        self.h, self.kv, self.hd, self.backend = heads, kv_heads, d // heads, backend
         self.norm = nn.LayerNorm(d)
         # no key bias: its gradient is zero in exact arithmetic (softmax ignores a per-query shift),
         # so a relative error on it would only compare rounding noise
@@ -28,7 +28,8 @@ class Attn(nn.Module):
         q = self.q(h).view(B, S, self.h, self.hd).transpose(1, 2)
         k = self.k(h).view(B, S, self.kv, self.hd).transpose(1, 2)
         v = self.v(h).view(B, S, self.kv, self.hd).transpose(1, 2)
-        return self.o(attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, S, D))
+        out = attention(q, k, v, is_causal=True, cuda_backend=self.backend)
+        return self.o(out.transpose(1, 2).reshape(B, S, D))
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])

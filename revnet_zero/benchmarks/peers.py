@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..couplings import AdditiveCoupling
 from ..engine import ReversibleSequence
-from ..layers.coupling_layers import AdditiveCoupling
 from .modes import _stream_inputs
 
 PEER_VERSIONS = {"memcnn": "1.5.2", "revlib": "1.7.2"}

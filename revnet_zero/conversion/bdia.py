@@ -25,8 +25,9 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..engine import (_autocast, _autocast_state, _keep_graph, _leaf_aliases, _restored_rng, _rng_state,
-                      root_edge)
+from .._autograd import autocast_from as _autocast, autocast_state as _autocast_state, keep_graph as _keep_graph
+from .._autograd import leaf_aliases as _leaf_aliases, restored_rng as _restored_rng, rng_state as _rng_state
+from .._autograd import root_edge
 from . import peft_compat
 from .grid import (GridStep, Signs, abs_max, check_range, from_grid, gammas, to_grid, update_backward,
                    update_forward)

@@ -11,9 +11,9 @@ from torch import Tensor, nn
 
 from .bdia import BDIALayer
 from .families import FAMILIES, check_family, family_of
+from .bdia_reference import BDIAReferenceLayer
 from .grid import GRID_STEPS, GridStep, gamma_bits
 from .offload import HostQueue
-from .reference import BDIAReferenceLayer
 from .rmsnorm import lean_rmsnorm, plain_rmsnorm
 from .tiling import check_chunk, tile_mlp, untile_mlp
 from .two_stream import TwoStreamLayer

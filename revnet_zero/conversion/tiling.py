@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..engine import _autocast, _autocast_state, _restored_rng, _rng_state
+from .._autograd import autocast_from as _autocast, autocast_state as _autocast_state
+from .._autograd import restored_rng as _restored_rng, rng_state as _rng_state
 
 _CHUNK = "_revnet_mlp_chunk"
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..engine import ReversibleBlock, _Tape
-from ..layers.coupling_layers import StepCoupling
+from ..couplings import StepCoupling
+from ..engine import ReversibleBlock, StreamTape, TapeSlot
 from .recorded import recording_active
 from .wrapping import WrappedLayer, _Stack, layer_arguments
 
@@ -98,8 +98,8 @@ class TwoStreamLayer(WrappedLayer):
         args, kwargs = layer_arguments(self.layer, args, kwargs, training)
         run = self._enter(hidden_states)
         if self.starts:
-            run.streams, run.tape = [hidden_states, hidden_states], _Tape()
-        y1, y2 = self.block(*run.streams, _tape=(run.tape, self.index, self.ends, self.starts),
+            run.streams, run.tape = [hidden_states, hidden_states], StreamTape()
+        y1, y2 = self.block(*run.streams, _tape=TapeSlot(run.tape, self.index, self.ends, self.starts),
                             layer_args=(args, kwargs))
         run.streams = [y1, y2]
         out = run.streams[self.dst]

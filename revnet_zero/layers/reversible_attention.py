@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..couplings import CouplingType, StepCoupling, make_coupling
 from ..engine import ReversibleBlock
 from ..ops import kept_attention
 from ..ops.limits import INT32_MAX_NUMEL, check_int32_numel
 from ..ops.norm import compute_dtype
-from .coupling_layers import CouplingType, StepCoupling, make_coupling
 from .rope import norm_rope, rope_cos_sin
 
 
@@ -46,6 +46,8 @@ class SelfAttention(nn.Module):
     GPU (on CPU PyTorch may use its math back end, which does form it). ``attention_mask`` ``[B, S]``
     (1 = keep, 0 = padding) is a key-padding mask for bidirectional attention; causal attention takes
     none (a causal padding mask would need an S x S mask: right-pad and mask the loss instead).
+    ``sdpa_backend``: the SDPA kernel reversible blocks call directly on CUDA in bf16/fp16, the same
+    in forward and recompute (``'cudnn'`` or ``'flash'``; see ``ops/kept_attention.py``).
 
     Example::
 
@@ -57,8 +59,11 @@ class SelfAttention(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int | None = None, causal: bool = True,
                  rope_theta: float = 10000.0, attention_dropout: float = 0.0, dropout: float = 0.0,
-                 norm_eps: float = 1e-5, out_multiplier: int = 1):
+                 norm_eps: float = 1e-5, out_multiplier: int = 1, sdpa_backend: str = "cudnn"):
         super().__init__()
+        if sdpa_backend not in kept_attention.CUDA_BACKENDS:
+            raise ValueError(f"sdpa_backend must be one of {kept_attention.CUDA_BACKENDS}, got {sdpa_backend!r}")
+        self.sdpa_backend = sdpa_backend
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if d_model % num_heads or (d_model // num_heads) % 2:
             raise ValueError(f"d_model={d_model} must split into num_heads={num_heads} heads of even size "
@@ -139,7 +144,8 @@ class SelfAttention(nn.Module):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None, is_causal: bool):
         dropout_p = self.attention_dropout if self.training else 0.0
         if attention_mask is None:   # through kept_attention, so the kept-attention policies apply
-            return kept_attention.attention(q, k, v, is_causal=is_causal, dropout_p=dropout_p)
+            return kept_attention.attention(q, k, v, is_causal=is_causal, dropout_p=dropout_p,
+                                            cuda_backend=self.sdpa_backend)
         if self.causal:
             raise ValueError("causal attention takes no attention_mask (it would need an S x S mask); "
                              "right-pad the batch and set the padded labels to -100")
@@ -179,7 +185,7 @@ class ReversibleAttention(ReversibleBlock):
                  use_rational_attention: bool = False, attention_dropout: float = 0.0, *,
                  num_kv_heads: int | None = None, causal: bool = True, dropout: float = 0.0,
                  rope_theta: float = 10000.0, norm_eps: float = 1e-5, policy: str = "recompute",
-                 **rational_options):
+                 sdpa_backend: str = "cudnn", **rational_options):
         c = make_coupling(coupling)
         if rational_options and not use_rational_attention:
             raise TypeError(f"ReversibleAttention got {sorted(rational_options)}, which only "
@@ -192,7 +198,7 @@ class ReversibleAttention(ReversibleBlock):
                                             **rational_options)
         else:
             attn = SelfAttention(d_model, num_heads, num_kv_heads, causal, rope_theta, attention_dropout,
-                                 dropout, norm_eps, out_multiplier=c.out_multiplier)
+                                 dropout, norm_eps, out_multiplier=c.out_multiplier, sdpa_backend=sdpa_backend)
         super().__init__(make_coupling(c, f=attn), policy=policy)
 
     @property

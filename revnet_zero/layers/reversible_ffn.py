@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..couplings import CouplingType, StepCoupling, make_coupling
 from ..engine import ReversibleBlock
 from ..ops.limits import check_int32_numel
 from ..ops.norm import compute_dtype
-from .coupling_layers import CouplingType, StepCoupling, make_coupling
 from .rope import norm_rope
 
 ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "swish": F.silu, "relu": F.relu}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layers.coupling_layers import CouplingType
+from ..couplings import CouplingType
 from ..ops.limits import INT32_MAX_NUMEL
 
 FFN_KINDS = ("swiglu", "geglu", "gelu")
@@ -48,13 +48,13 @@ class TransformerConfig:
     tie_embeddings: bool = False             # share the token embedding with the output head
     embed_scale: float | None = None         # streams start at embedding * embed_scale; None = sqrt(d_model).
     # Why: with embeddings of std 0.02 the blocks' outputs dwarf the streams, and rebuilding inputs by
-    # subtraction then amplifies bf16 rounding block after block (measured drift 5e-2 after 4 blocks at
-    # d=1024; 2e-4 with sqrt(d) scaling, benchmarks/diagnose_drift.py). Gemma and T5 scale likewise.
+    # subtraction then loses precision block after block (docs/numerics.md). Gemma and T5 scale likewise.
     causal: bool = True                      # causal decoder; ReversibleBERT sets False
     stream_dtype: torch.dtype | None = torch.float32  # dtype of the two streams (None = the embedding's)
     loss_chunk_size: int = 4096              # tokens per chunk of the fused head + loss (logits chunk < 2^31)
     ffn_chunk_size: int | None = 16384       # positions per FFN tile in forward and recompute; None = whole
     use_flash_attention: bool = True         # must be True: attention always runs through SDPA kernels
+    attention_backend: str = "cudnn"         # SDPA kernel of reversible attention on CUDA, bf16/fp16: 'cudnn'/'flash'
     # Which attention (docs/attention.md): 'softmax' (exact), 'sliding_window', 'hierarchical',
     # 'rational_fourier'. Each variant reads only its own fields below; all are validated always.
     attention: str = "softmax"
@@ -107,6 +107,8 @@ class TransformerConfig:
         for name in ("tie_embeddings", "causal", "use_flash_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.attention_backend not in ("cudnn", "flash"):
+            raise ValueError(f"attention_backend must be 'cudnn' or 'flash', got {self.attention_backend!r}")
         if not self.use_flash_attention:
             raise ValueError("use_flash_attention=False is not supported: attention always runs through "
                              "F.scaled_dot_product_attention, never an explicit S x S matrix; to pin a back "
@@ -160,7 +162,7 @@ ATTENTIONS = ("softmax", "sliding_window", "hierarchical", "rational_fourier")
 PRESETS = {
     # byte-level vocabulary; d not a power of two; GQA on: for tests and demos
     "tiny": dict(vocab_size=256, num_layers=2, d_model=96, num_heads=4, num_kv_heads=2, max_seq_len=512),
-    # the benchmark reference models (shared/BENCHMARKS.md)
+    # the benchmark reference models (docs/results.md)
     "S": dict(vocab_size=32000, num_layers=24, d_model=1024, num_heads=16, d_ff=2816, max_seq_len=262144),
     "M": dict(vocab_size=32000, num_layers=24, d_model=2048, num_heads=16, d_ff=5632, max_seq_len=262144),
     "llama8b": dict(vocab_size=128256, num_layers=32, d_model=4096, num_heads=32, num_kv_heads=8,

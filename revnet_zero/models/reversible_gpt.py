@@ -1,4 +1,4 @@
-"""``ReversibleGPT``: the name the seed documents use for the causal decoder."""
+"""``ReversibleGPT``: the causal decoder under its GPT name."""
 from __future__ import annotations
 
 from .reversible_transformer import ReversibleTransformer

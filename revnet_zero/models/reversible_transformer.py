@@ -12,8 +12,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..couplings import AdditiveCoupling, make_coupling
 from ..engine import ReversibleBlock, ReversibleSequence
-from ..layers.coupling_layers import AdditiveCoupling, make_coupling
 from ..layers.reversible_attention import KVCache, SelfAttention
 from ..layers.reversible_ffn import FeedForward
 from ..layers.rotation_coupling import OrthogonalMixCoupling, RotationCoupling
@@ -33,7 +33,7 @@ def build_attention(config: TransformerConfig, out_multiplier: int = 1, layer: i
     if config.attention == "softmax":
         return SelfAttention(config.d_model, config.num_heads, config.num_kv_heads, config.causal,
                              config.rope_theta, config.attention_dropout, config.dropout, config.norm_eps,
-                             out_multiplier=out_multiplier)
+                             out_multiplier=out_multiplier, sdpa_backend=config.attention_backend)
     from ..layers import attention_variants as av
     common = dict(num_kv_heads=config.num_kv_heads, rope_theta=config.rope_theta, dropout=config.dropout,
                   norm_eps=config.norm_eps, out_multiplier=out_multiplier)

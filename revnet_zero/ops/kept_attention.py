@@ -22,8 +22,8 @@ from torch import Tensor
 aten = torch.ops.aten
 _STORE: contextvars.ContextVar[AttentionStore | None] = contextvars.ContextVar("revnet_attention_store",
                                                                                default=None)
-# SDPA kernel used for kept attention on CUDA. cuDNN ran 1.5x faster than flash on H100 (BENCHMARKS.md).
-CUDA_BACKEND = "cudnn"
+# SDPA kernels the reversible path may call directly on CUDA for bf16/fp16 (float32: efficient only).
+CUDA_BACKENDS = ("cudnn", "flash")
 
 
 class AttentionStore:
@@ -127,15 +127,18 @@ def keeping() -> bool:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, dropout_p: float = 0.0,
-              scale: float | None = None) -> Tensor:
+              scale: float | None = None, cuda_backend: str = "cudnn") -> Tensor:
     """``F.scaled_dot_product_attention`` on ``[B, H, S, hd]`` (k, v may have fewer heads: GQA).
 
     Inside a reversible block (an ``AttentionStore`` is active) it records or replays: a keeping
     store keeps the output and logsumexp; a non-keeping one (the ``recompute`` policy, on CUDA)
     runs the same SDPA kernel in forward and in the recompute, so the rebuilt streams are not
     perturbed by two kernels' different roundings (SDPA may pick another kernel, or another
-    variant of one, when gradients are needed).
+    variant of one, when gradients are needed). ``cuda_backend`` names that kernel for bf16/fp16 on
+    CUDA: ``'cudnn'`` (default) or ``'flash'`` (see docs/results.md for how they compare).
     """
+    if cuda_backend not in CUDA_BACKENDS:
+        raise ValueError(f"cuda_backend must be one of {CUDA_BACKENDS}, got {cuda_backend!r}")
     gqa = k.shape[1] != q.shape[1]
     store = _STORE.get()
     plain = store is None or (not store.keep and (dropout_p or not q.is_cuda))
@@ -151,14 +154,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, dropout_p: float
     # one fixed layout for every kernel call, forward and backward
     q, k, v = bshd(q), bshd(k), bshd(v)
     if store.recording:
-        out, lse, meta = _forward(q, k, v, is_causal, scale)
+        out, lse, meta = _forward(q, k, v, is_causal, scale, cuda_backend)
         if store.keep:
             store.push(out, lse, meta)
         return out
     if store.keep:
         out, lse, meta = store.pop()
     else:
-        out, lse, meta = _forward(q.detach(), k.detach(), v.detach(), is_causal, scale)
+        out, lse, meta = _forward(q.detach(), k.detach(), v.detach(), is_causal, scale, cuda_backend)
     return _KeptAttention.apply(q, k, v, out, lse, meta, is_causal, scale)
 
 
@@ -173,14 +176,14 @@ def bshd(t: Tensor) -> Tensor:
     return t if t.transpose(1, 2).is_contiguous() else t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _backend(q: Tensor) -> str:
+def _backend(q: Tensor, cuda_backend: str) -> str:
     if not q.is_cuda:
         return "cpu"
-    return CUDA_BACKEND if q.dtype in (torch.float16, torch.bfloat16) else "efficient"  # fp32: efficient only
+    return cuda_backend if q.dtype in (torch.float16, torch.bfloat16) else "efficient"  # fp32: efficient only
 
 
-def _forward(q, k, v, is_causal, scale):
-    backend = _backend(q)
+def _forward(q, k, v, is_causal, scale, cuda_backend):
+    backend = _backend(q, cuda_backend)
     if backend == "cpu":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scale)
         return out, lse, ("cpu",)
@@ -193,7 +196,7 @@ def _forward(q, k, v, is_causal, scale):
     if backend == "flash":
         r = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)
         return r[0], r[1], ("flash", r[2], r[3], r[4], r[5], r[6], r[7])
-    raise ValueError(f"CUDA_BACKEND must be 'cudnn' or 'flash', got {backend!r}")
+    raise ValueError(f"cuda_backend must be one of {CUDA_BACKENDS}, got {backend!r}")
 
 
 class _KeptAttention(torch.autograd.Function):

@@ -33,7 +33,7 @@ def rms_norm_cast(x: Tensor, weight: Tensor, eps: float | None, dtype: torch.dty
     if x.shape[-1:] != weight.shape:
         raise ValueError(f"rms_norm_cast: weight {tuple(weight.shape)} must match the last dim of x "
                          f"{tuple(x.shape)}")
-    if x.is_cuda and _fused_on_cuda():
+    if x.is_cuda and _fused_on_cuda(x.device, x.dtype):
         # one fused kernel each way; its autograd keeps x and the per-row rstd, and the float32
         # output dies at the cast
         return F.rms_norm(x, x.shape[-1:], weight.to(x.dtype), eps).to(dtype)
@@ -42,21 +42,24 @@ def rms_norm_cast(x: Tensor, weight: Tensor, eps: float | None, dtype: torch.dty
     return _forward(x, weight, eps, dtype)[0]
 
 
-_FUSED: list[bool] = []
+# (device, dtype) -> whether F.rms_norm runs the fused kernel there: a property of the installed
+# PyTorch and the device, the same for every model, so one probe per device and dtype suffices.
+_FUSED: dict[tuple[torch.device, torch.dtype], bool] = {}
 
 
-def _fused_on_cuda() -> bool:
-    """Whether ``F.rms_norm`` on CUDA runs PyTorch's fused kernel (whose backward keeps only the
-    input and rstd) rather than the composite that keeps the normalised float32 tensor."""
-    if not _FUSED:
+def _fused_on_cuda(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``F.rms_norm`` on this CUDA device and dtype runs PyTorch's fused kernel (whose backward
+    keeps only the input and rstd) rather than the composite that keeps the normalised float32 tensor."""
+    key = (device, dtype)
+    if key not in _FUSED:
         # with grad (the first call may come under no_grad) and behind identity saved-tensor hooks,
         # so an enclosing torch.utils.checkpoint does not count the probe's saved tensors (it would
         # then see a different number of them in its recompute)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            x = torch.ones(2, 8, device="cuda", requires_grad=True)
-            y = F.rms_norm(x, (8,), torch.ones(8, device="cuda"), 1e-5)
-            _FUSED.append("fused" in type(y.grad_fn).__name__.lower())
-    return _FUSED[0]
+            x = torch.ones(2, 8, device=device, dtype=dtype, requires_grad=True)
+            y = F.rms_norm(x, (8,), torch.ones(8, device=device, dtype=dtype), 1e-5)
+            _FUSED[key] = "fused" in type(y.grad_fn).__name__.lower()
+    return _FUSED[key]
 
 
 def _forward(x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine import ReversibleBlock
-from ..reference import reference_block
+from ..plain_reference import reference_block
 
 
 def _rel_err(a: Tensor | None, b: Tensor | None) -> float:
@@ -31,7 +31,7 @@ def gradient_error(block: ReversibleBlock, x1: Tensor, x2: Tensor, seed: int = 0
                 y1, y2 = block(a1, a2, **kwargs)
             else:
                 y1, y2 = reference_block(block.coupling, a1, a2, **kwargs)
-            w1, w2 = torch.randn_like(y1), torch.randn_like(y2)  # fixed by the seed: same in both runs
+            w1, w2 = torch.randn_like(y1), torch.randn_like(y2)  # drawn from `seed`: the same in both runs
         grads = torch.autograd.grad((y1 * w1).sum() + (y2 * w2).sum(), [a1, a2, *params], allow_unused=True)
         results.append(grads)
     return max(_rel_err(a, b) for a, b in zip(*results))

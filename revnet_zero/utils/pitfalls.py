@@ -43,8 +43,8 @@ def _dropout_rng(model, blocks, cfg) -> list[Pitfall]:
         rates += [m.attention_dropout for m in block.modules() if getattr(m, "attention_dropout", 0) > 0]
         if rates and not block.preserve_rng_state and block.policy != "store":
             out.append(Pitfall("dropout_without_rng_capture", f"{bn} applies dropout (p={max(rates)}) with "
-                               "preserve_rng_state=False: the recompute draws other masks, so the rebuilt inputs "
-                               "and the gradients are wrong",
+                               "preserve_rng_state=False: the recompute would draw other masks, so the engine "
+                               "refuses its training forward (ValueError)",
                                "construct the block with preserve_rng_state=True (the default)"))
     return out
 

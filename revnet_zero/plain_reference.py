@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .couplings import AdditiveCoupling, AffineCoupling, BaseCoupling
 from .engine import ReversibleBlock, ReversibleSequence
-from .layers.coupling_layers import AdditiveCoupling, AffineCoupling, BaseCoupling
 
 
 def reference_block(coupling: BaseCoupling, x1: Tensor, x2: Tensor, **kwargs) -> tuple[Tensor, Tensor]:

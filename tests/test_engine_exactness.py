@@ -1,0 +1,223 @@
+"""The engine gives plain autograd's gradients or raises: never something else.
+
+Each case here gave silently wrong gradients before (relative error 0.1 to 0.7 against the
+``store`` policy). The exact cases compare against the same stack under ``policy='store'`` (plain
+autograd through the same modules) in float32 with relative error <= 1e-6 in the 2-norm: the
+reversible backward reorders float32 sums and rebuilds inputs by subtraction, a few ulps
+(2^-24 ~ 6e-8) per block, as in tests/test_engine.py.
+"""
+import copy
+
+import pytest
+import torch
+from helpers import MLP, coupling, rel_err
+
+from revnet_zero import AdditiveCoupling, ReversibleBlock, ReversibleSequence
+
+
+def _store(stack):
+    plain = copy.deepcopy(stack)
+    plain.set_policy("store")
+    return plain
+
+
+def _loss(y, w):
+    return (y[0] * w[0]).sum() + (y[1] * w[1]).sum()
+
+
+@pytest.mark.parametrize("kind", ["additive", "affine", "custom"])
+def test_functional_call_parameters_get_exact_gradients(kind):
+    """torch.func.functional_call swaps its own tensors into the modules for the call only; the
+    recompute in backward must use them too (before: no gradient for them, wrong input gradient)."""
+    torch.manual_seed(0)
+    stack = ReversibleSequence([coupling(kind, 8) for _ in range(4)])
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    w = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    params = {n: (p.detach() * 1.1 + 0.01).requires_grad_() for n, p in stack.named_parameters()}
+
+    def grads(model):
+        y = torch.func.functional_call(model, params, (x,))
+        return torch.autograd.grad(_loss(y, w), [x, *params.values()], allow_unused=True)
+
+    got, want = grads(stack), grads(_store(stack))
+    assert all(g is not None for g in got)
+    assert max(rel_err(a, b) for a, b in zip(got, want)) <= 1e-6
+    assert all(p.grad is None for p in stack.parameters())   # the module's own parameters untouched
+
+
+def test_functional_call_with_non_leaf_parameters():
+    """Parameters computed from others (one inner step of MAML): gradients reach the originals."""
+    torch.manual_seed(1)
+    stack = ReversibleSequence([coupling("additive", 8) for _ in range(3)])
+    x, w = torch.randn(2, 4, 8), (torch.randn(2, 4, 8), torch.randn(2, 4, 8))
+    base = dict(stack.named_parameters())
+
+    def grads(model):
+        fast = {n: p - 0.1 * p.detach().sign() * p for n, p in base.items()}
+        y = torch.func.functional_call(model, fast, (x,))
+        return torch.autograd.grad(_loss(y, w), list(base.values()))
+
+    assert max(rel_err(a, b) for a, b in zip(grads(stack), grads(_store(stack)))) <= 1e-6
+
+
+def test_parameter_edited_in_place_before_backward_raises():
+    """Plain autograd refuses a saved weight whose version moved; so does the recompute, naming it."""
+    torch.manual_seed(2)
+    stack = ReversibleSequence([coupling("additive", 8) for _ in range(3)])
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    for model in (_store(stack), stack):
+        y1, y2 = model(x)
+        with torch.no_grad():
+            model.blocks[1].coupling.f.net[1].weight.add_(0.1)   # e.g. optimizer.step() too early
+        with pytest.raises(RuntimeError, match="modified by an inplace operation") as err:
+            (y1 * y2).sum().backward()
+    assert "'coupling.f.net.1.weight' of block 1" in str(err.value)
+
+
+def test_parameter_edit_after_backward_is_fine():
+    torch.manual_seed(3)
+    stack = ReversibleSequence([coupling("additive", 8) for _ in range(3)])
+    opt = torch.optim.SGD(stack.parameters(), lr=0.1)
+    x = torch.randn(2, 4, 8)
+    for _ in range(2):
+        y1, y2 = stack(x)
+        (y1 * y2).sum().backward()
+        opt.step()
+
+
+def test_forward_hook_replacing_a_blocks_outputs_raises():
+    """Block 2's backward rebuilds block 1's outputs from its own inputs: a hook that hands block 2
+    something else would make every gradient below wrong (before: silently)."""
+    stack = ReversibleSequence([coupling("additive", 8) for _ in range(4)])
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    handle = stack.blocks[1].register_forward_hook(lambda m, args, out: (out[0] * 2, out[1]))
+    with pytest.raises(RuntimeError, match="block 2 of a reversible sequence did not receive the streams"):
+        stack(x)
+    handle.remove()
+    handle = stack.blocks[2].register_forward_pre_hook(lambda m, args: (args[0] + 1, args[1]))
+    with pytest.raises(RuntimeError, match="did not receive the streams block 1 returned"):
+        stack(x)
+    handle.remove()
+    with torch.no_grad():   # nothing is rebuilt without grad: hooks may change what they like
+        stack.blocks[1].register_forward_hook(lambda m, args, out: (out[0] * 2, out[1]))
+        stack(x)
+
+
+def test_hooks_that_change_outputs_where_that_is_exact():
+    """A hook on the last block (its outputs are saved as returned by the Function, the hook's
+    change is ordinary autograd after it) and a hook on a sub-function (it runs again in the
+    recompute) give plain autograd's gradients."""
+    torch.manual_seed(4)
+    stack = ReversibleSequence([coupling("additive", 8) for _ in range(3)])
+    stack.blocks[2].register_forward_hook(lambda m, args, out: (out[0] * 2, out[1] - 1))
+    stack.blocks[1].coupling.g.register_forward_hook(lambda m, args, out: out.tanh())
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    w = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    params = list(stack.parameters())
+    got = torch.autograd.grad(_loss(stack(x), w), [x, *params])
+    plain = _store(stack)
+    want = torch.autograd.grad(_loss(plain(x), w), [x, *plain.parameters()])
+    assert max(rel_err(a, b) for a, b in zip(got, want)) <= 1e-6
+
+
+def test_hook_on_the_coupling_itself_is_refused():
+    """The engine runs a built-in coupling's steps directly (its own hooks would not run) and
+    inverts a user coupling without its hooks: refused, with where to register instead."""
+    block = ReversibleBlock(coupling("additive", 8))
+    block.coupling.register_forward_hook(lambda m, args, out: (out[0] * 2, out[1]))
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="register them on the ReversibleBlock or on a sub-function"):
+        block(x, x)
+    block.policy = "store"
+    block(x, x)   # plain autograd runs the hook itself
+
+
+def test_dropout_without_preserved_rng_state_is_refused():
+    """With preserve_rng_state=False the recompute draws other dropout masks (gradients 0.5 off
+    before): a forward that draws random numbers is refused. Without dropout (p=0 or eval) it
+    runs, exactly."""
+    torch.manual_seed(5)
+    stack = ReversibleSequence([coupling("additive", 8, p=0.2) for _ in range(3)], preserve_rng_state=False)
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="preserve_rng_state=False"):
+        stack(x)
+    stack.eval()
+    w = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    got = torch.autograd.grad(_loss(stack(x), w), [x, *stack.parameters()])
+    plain = _store(stack)
+    want = torch.autograd.grad(_loss(plain(x), w), [x, *plain.parameters()])
+    assert max(rel_err(a, b) for a, b in zip(got, want)) <= 1e-6
+    with torch.no_grad():   # no recompute without grad: dropout is fine
+        stack.train()
+        stack(x)
+
+
+def test_tape_slot_must_be_a_tape_slot():
+    block = ReversibleBlock(AdditiveCoupling(MLP(8), MLP(8)))
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    with pytest.raises(TypeError, match="TapeSlot"):
+        block(x, x, _tape=(None, 0, True, True))
+
+
+def test_hooks_that_modify_outputs_in_place_or_pass_views_on():
+    """An in-place change of block 1's outputs by a hook is refused like a replacement; a hook that
+    passes them on through an identity autograd.Function (FSDP2 does) is not, and stays exact."""
+    torch.manual_seed(6)
+    stack = ReversibleSequence([coupling("additive", 8) for _ in range(3)])
+    x = torch.randn(2, 4, 8, requires_grad=True)
+
+    def in_place(m, args, out):
+        with torch.no_grad():
+            out[0].mul_(2)
+
+    handle = stack.blocks[1].register_forward_hook(in_place)
+    with pytest.raises(RuntimeError, match="did not receive the streams"):
+        stack(x)
+    handle.remove()
+
+    class Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            return a, b
+
+        @staticmethod
+        def backward(ctx, da, db):
+            return da, db
+
+    stack.blocks[1].register_forward_hook(lambda m, args, out: Identity.apply(*out))
+    w = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    got = torch.autograd.grad(_loss(stack(x), w), [x, *stack.parameters()])
+    plain = _store(stack)
+    want = torch.autograd.grad(_loss(plain(x), w), [x, *plain.parameters()])
+    assert max(rel_err(a, b) for a, b in zip(got, want)) <= 1e-6
+
+
+def test_a_parameter_held_outside_the_block_is_refused():
+    """A sub-function that reaches a parameter through a closure runs with it, but the block cannot
+    hand it a gradient (before: it silently got none). Found on the block's first backward."""
+    outside = torch.nn.Linear(8, 8)
+
+    class Closure(torch.nn.Module):
+        def forward(self, x):
+            return outside(x)
+
+    for c in (AdditiveCoupling(Closure(), MLP(8)), AdditiveCoupling(MLP(8), Closure())):
+        stack = ReversibleSequence([c])
+        y1, y2 = stack(torch.randn(2, 4, 8, requires_grad=True))
+        with pytest.raises(RuntimeError, match="not held by its coupling"):
+            (y1 * y2).sum().backward()
+    assert outside.weight.grad is None
+
+
+def test_frozen_and_unrequested_parameters_are_not_foreign():
+    """Parameters of the block that are frozen, or not asked for by autograd.grad, are its own."""
+    torch.manual_seed(7)
+    stack = ReversibleSequence([coupling(kind, 8) for kind in ("additive", "custom")])
+    stack.blocks[0].coupling.f.net[1].weight.requires_grad_(False)
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    y1, y2 = stack(x)
+    (gx,) = torch.autograd.grad((y1 * y2).sum(), [x])
+    plain = _store(stack)
+    r1, r2 = plain(x)
+    (want,) = torch.autograd.grad((r1 * r2).sum(), [x])
+    assert rel_err(gx, want) <= 1e-6
