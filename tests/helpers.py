@@ -18,7 +18,7 @@ class MLP(nn.Module):
 
 
 class ShiftCoupling(BaseCoupling):
-    """A user coupling that only gives forward and inverse (the seed's CustomCoupling)."""
+    """A user coupling that only gives forward and inverse (a custom coupling as a user would write one)."""
 
     def __init__(self, d):
         super().__init__()

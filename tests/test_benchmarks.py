@@ -25,7 +25,7 @@ GRAD_TOL = {
     "selective_ac": 1e-6,   # as full_ac; the kept matmul/SDPA outputs are the very tensors of forward
     "ac_offload": 1e-6,     # as full_ac; the block inputs make a round trip through host memory, exactly
     "full_ac:no_early_stop": 1e-6,   # as full_ac; the recompute also runs the ops whose outputs are unused
-    "revnet_zero": 1e-5,    # inputs rebuilt by subtraction in fp32 (DESIGN.md: <= 1e-6 per block)
+    "revnet_zero": 1e-5,    # inputs rebuilt by subtraction in fp32 (the engine's contract: <= 1e-6 per block)
     **{m: 1e-5 for m in policy_modes()},   # as revnet_zero, with some tensors kept instead of recomputed
 }
 

@@ -1,7 +1,7 @@
 """Pretrained Hugging Face models made reversible (revnet_zero.conversion), on tiny local configs.
 
 Tolerances:
-* eval / no_grad, 'bdia': atol 1e-5 (the seed's check); the converted layers *are* the original
+* eval / no_grad, 'bdia': atol 1e-5 (the documented conversion check); the converted layers *are* the original
   ones in eval, so the outputs are in fact bitwise equal, and the tests say so.
 * training, 'bdia', against ``bdia_reference`` (plain autograd of the same quantised forward, with
   straight-through rounding): relative error <= 1e-6 in fp32. The reference computes the same
@@ -120,7 +120,7 @@ def test_eval_outputs_equal_the_original(name):
     torch.manual_seed(0)
     original = BUILDERS[name]().eval()
     x = ids(length=23)
-    converted = convert_to_reversible(original, checkpoint_segments=4)  # the seed's call, coupling left out
+    converted = convert_to_reversible(original, checkpoint_segments=4)  # the documented call, coupling left out
     with torch.no_grad():
         a = original(input_ids=x, output_hidden_states=True)
         b = converted(input_ids=x, output_hidden_states=True)

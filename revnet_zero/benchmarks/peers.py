@@ -3,7 +3,7 @@
 Both take one tensor holding the two streams side by side (``[B, S, 2D]``, split on the last dim),
 so the adapters concatenate ``(x1, x2)`` on the way in and split on the way out. They use the blocks'
 own ``coupling.f`` (attention) and ``coupling.g`` (FFN) modules, so weights and code are shared
-with every other mode. What each library does with precision is its own (see BENCHMARKS.md):
+with every other mode. What each library does with precision is its own (docs/design-notes.md):
 memcnn casts its inputs to fp32 and runs f/g with autocast off; revlib recomputes in backward
 outside autocast.
 """
