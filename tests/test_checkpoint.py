@@ -189,6 +189,43 @@ def test_temporaries_of_a_killed_save_are_cleaned_on_the_next_save_or_load(tmp_p
     assert not again.exists()
 
 
+KILLED_RESAVE = """
+import os, sys, torch
+from revnet_zero.models import ReversibleGPT, TransformerConfig
+from revnet_zero.training import checkpoint as ckpt
+root, where = sys.argv[1], sys.argv[2]
+torch.manual_seed(1)
+model = ReversibleGPT(TransformerConfig.preset("tiny"))
+if where == "writing":
+    ckpt.save_state = lambda state, path: os._exit(9)        # killed after the new weights are written
+else:
+    real, calls = os.rename, []
+    def rename(a, b):
+        calls.append(a)
+        if len(calls) == 2:                                   # the old folder set aside, the new one not in
+            os._exit(9)
+        real(a, b)
+    ckpt.os.rename = rename
+ckpt.save_checkpoint(root, 2, model, {"step": 2})
+"""
+
+
+@pytest.mark.parametrize("where", ["writing", "swapping"])
+def test_a_kill_while_saving_a_step_again_keeps_the_step_already_saved(tmp_path, where):
+    """A run resumed from an earlier step writes step-N again; a kill in the middle (while writing, or
+    between setting the old folder aside and putting the new one in) must leave the first step-N."""
+    import subprocess
+    import sys
+    save_checkpoint(tmp_path, 2, tiny(), {"step": "first"})
+    child = subprocess.run([sys.executable, "-c", KILLED_RESAVE, str(tmp_path), where], capture_output=True,
+                           text=True)
+    assert child.returncode == 9, child.stderr[-2000:]
+    fresh = tiny(seed=5)
+    assert load_checkpoint(tmp_path, fresh) == {"step": "first"}
+    assert_same_weights(tiny(), fresh)
+    assert not list(tmp_path.glob(".step-*")), "the killed save's folders are cleaned on load"
+
+
 def test_a_field_added_to_the_config_after_the_checkpoint_counts_as_its_default(tmp_path):
     from revnet_zero.training.checkpoint import model_metadata
     model = tiny()

@@ -37,6 +37,7 @@ from torch import nn
 
 WEIGHTS, STATE, LATEST, CHECKSUMS = "model.safetensors", "trainer.pt", "latest", "checksums.json"
 TMP_MARK = ".tmp-"   # temporary files are named .{name}.tmp-{host}-{pid} beside their target
+OLD_MARK = ".old-"   # a checkpoint folder set aside while its re-save is swapped in
 
 
 def _safetensors():
@@ -239,6 +240,17 @@ def _writer_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def _swap_in(stage: Path, path: Path) -> None:
+    """Rename the complete folder ``stage`` onto ``path``. An existing ``path`` is first renamed aside
+    (``OLD_MARK``); ``clean_temporaries`` puts it back if a kill comes before the new one is in place."""
+    old = path.with_name(f".{path.name}{OLD_MARK}{_writer_id()}")
+    if path.exists():
+        os.rename(path, old)
+    os.rename(stage, path)
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def clean_temporaries(folder) -> list[Path]:
     """Delete the temporary files that a writer killed mid-save left in ``folder`` and its step-*
     folders. Only those written from this machine by a process no longer running go: a live writer's
@@ -247,16 +259,28 @@ def clean_temporaries(folder) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    removed, host = [], socket.gethostname()
-    for tmp in [*folder.glob(f".*{TMP_MARK}*"), *folder.glob(f"step-*/.*{TMP_MARK}*")]:
-        writer_host, _, pid = tmp.name.rsplit(TMP_MARK, 1)[1].rpartition("-")
-        if writer_host != host or not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+    removed = []
+    for old in folder.glob(f".step-*{OLD_MARK}*"):   # a re-saved step-N set aside, the new one not yet in
+        target = folder / old.name[1:].split(OLD_MARK)[0]
+        if _dead_writer(old.name, OLD_MARK) and not target.exists():
+            with contextlib.suppress(OSError):
+                os.rename(old, target)
+    for tmp in [*folder.glob(f".*{TMP_MARK}*"), *folder.glob(f"step-*/.*{TMP_MARK}*"),
+                *folder.glob(f".step-*{OLD_MARK}*")]:
+        if not _dead_writer(tmp.name, OLD_MARK if OLD_MARK in tmp.name else TMP_MARK):
             continue
         # a read-only copy of a checkpoint can still be loaded: leaving its leftovers is harmless
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
             removed.append(tmp)
     return removed
+
+
+def _dead_writer(name: str, mark: str) -> bool:
+    """Whether the file or folder ``name`` was left by a process of this machine that no longer runs."""
+    writer_host, _, pid = name.rsplit(mark, 1)[1].rpartition("-")
+    return (writer_host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid()
+            and not _alive(int(pid)))
 
 
 def _alive(pid: int) -> bool:
@@ -341,11 +365,20 @@ def save_checkpoint(root, step: int, model: nn.Module | dict, state: dict, metad
     root = Path(root)
     clean_temporaries(root)
     path = root / f"step-{step:06d}"
-    path.mkdir(parents=True, exist_ok=True)
-    save_weights(weights, path / WEIGHTS, metadata)
-    save_state(state, path / STATE)
-    sums = {name: sha256_file(path / name) for name in (WEIGHTS, STATE)}
-    atomic_write(path / CHECKSUMS, lambda tmp: tmp.write_text(json.dumps(sums, indent=1) + "\n"))
+    # written whole into a staging folder, then swapped in: a kill at any point leaves either the old
+    # step-N (a re-save, e.g. after resuming from an earlier step) or the new one, never a mix
+    stage = root / f".{path.name}{TMP_MARK}{_writer_id()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        save_weights(weights, stage / WEIGHTS, metadata)
+        save_state(state, stage / STATE)
+        sums = {name: sha256_file(stage / name) for name in (WEIGHTS, STATE)}
+        atomic_write(stage / CHECKSUMS, lambda tmp: tmp.write_text(json.dumps(sums, indent=1) + "\n"))
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    _swap_in(stage, path)
     atomic_write(root / LATEST, lambda tmp: tmp.write_text(path.name + "\n"))
     # incomplete ones (a crash mid-write) go first, then the oldest; the new one is never a candidate
     others = sorted((p for p in root.glob("step-*") if p.is_dir() and p != path),
