@@ -416,7 +416,9 @@ class ReversibleBlock(nn.Module):
         else:
             _check_run(slot, x1, x2, self.coupling)
             y1, y2 = _ReversibleFunction.apply(self, slot, kwargs, held, x1, x2, *params)
-        slot.tape.out = [(weakref.ref(y1), y1._version), (weakref.ref(y2), y2._version)]
+        # inference tensors (torch.inference_mode) keep no version counter, and no backward follows
+        slot.tape.out = None if y1.is_inference() else [(weakref.ref(y1), y1._version),
+                                                        (weakref.ref(y2), y2._version)]
         return y1, y2
 
     def inverse(self, y1: Tensor, y2: Tensor, **kwargs) -> tuple[Tensor, Tensor]:

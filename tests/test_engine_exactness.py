@@ -221,3 +221,15 @@ def test_frozen_and_unrequested_parameters_are_not_foreign():
     r1, r2 = plain(x)
     (want,) = torch.autograd.grad((r1 * r2).sum(), [x])
     assert rel_err(gx, want) <= 1e-6
+
+
+def test_inference_mode_forward_matches_no_grad():
+    # inference tensors keep no version counter: the engine's record of a block's outputs must not
+    # read one (it raised "Inference tensors do not track version counter")
+    seq = ReversibleSequence([AdditiveCoupling(f=torch.nn.Linear(8, 8), g=torch.nn.Linear(8, 8)) for _ in range(3)])
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        expected = seq(x)
+    with torch.inference_mode():
+        got = seq(x)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
