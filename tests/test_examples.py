@@ -84,3 +84,31 @@ def test_example_scripts_parse_their_gpu_flags(script):
     spec.loader.exec_module(module)
     args = module.parse_args(["--device", "cuda"])
     assert args.device == "cuda" and callable(module.main)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"learning_rate": float("inf")}, "learning_rate"), ({"learning_rate": True}, "learning_rate"),
+    ({"batch_size": True}, "batch_size"), ({"precision": "fp8"}, "precision"),
+    ({"dataset": ""}, "dataset"), ({"seed": -1}, "seed"), ({"seed": 1.5}, "seed")])
+def test_pretraining_config_refuses_what_it_used_to_take(bad, match):
+    # each was accepted: lr=inf and precision='fp8' failed only after the corpus was read, dataset=''
+    # read the working directory, True passed as a batch size of 1
+    from revnet_zero.examples.pretraining import PretrainingConfig
+    with pytest.raises(ValueError, match=match):
+        PretrainingConfig(**bad)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"learning_rate": float("inf")}, "learning_rate"), ({"learning_rate": -1.0}, "learning_rate"),
+    ({"gamma0": 0.3}, "gamma0"), ({"batch_size": True}, "batch_size")])
+def test_document_qa_config_refuses_what_it_used_to_take(bad, match):
+    # lr=inf went to AdamW, which takes it and writes NaN weights; the rest failed late or not at all
+    from revnet_zero.examples.document_qa import DocumentQAConfig
+    with pytest.raises(ValueError, match=match):
+        DocumentQAConfig(**bad)
+
+
+@pytest.mark.parametrize("lengths, depths", [([64.5], [1]), (["64"], [1]), ([64], [True])])
+def test_memory_research_refuses_lengths_and_depths_that_are_not_ints(lengths, depths):
+    with pytest.raises(ValueError, match="ints"):
+        MemoryEfficientResearch().test_scaling_laws(seq_lengths=lengths, num_layers=depths)
