@@ -97,6 +97,7 @@ class _ReversibleFunction(torch.autograd.Function):
             y1, y2 = c(x1, x2, **kwargs)
         if before is not None:
             _refuse_unreplayable_randomness(before, x1.device, index)
+        held.seal(kwargs)
         # The last block of a run of recomputing blocks keeps its outputs: they are the run's
         # outputs, alive anyway (the next stored block or the caller holds them).
         ctx.loads_tape = slot.save_outputs
