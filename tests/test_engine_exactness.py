@@ -296,3 +296,25 @@ def test_affine_coupling_keeps_bf16_streams_and_matches_float64_gradients():
     for policy in ("store", "recompute"):
         errs = [((a - b).norm() / b.norm()).item() for a, b in zip(grads(torch.bfloat16, policy), ref)]
         assert max(errs) < 0.05, (policy, errs)
+
+
+def test_torch_func_grad_is_refused_with_a_message_that_names_the_way_out():
+    # it used to fail inside autograd with "it must override the setup_context staticmethod"
+    seq = ReversibleSequence([AdditiveCoupling(f=torch.nn.Linear(8, 8), g=torch.nn.Linear(8, 8)) for _ in range(2)])
+    x = torch.randn(2, 5, 8)
+    params = {k: v.detach() for k, v in seq.named_parameters()}
+
+    def loss(p):
+        y1, y2 = torch.func.functional_call(seq, p, (x,))
+        return (y1 * y2).sum()
+
+    with pytest.raises(RuntimeError, match="functional_call with torch.autograd.grad"):
+        torch.func.grad(loss)(params)
+    # the supported route gives plain autograd's gradients (store policy: no engine)
+    ref = copy.deepcopy(seq)
+    ref.set_policy("store")
+    live = {k: v.clone().requires_grad_() for k, v in params.items()}
+    got = torch.autograd.grad(loss(live), list(live.values()))
+    want = torch.func.grad(lambda p: (lambda y: (y[0] * y[1]).sum())(torch.func.functional_call(ref, p, (x,))))(params)
+    for g, k in zip(got, live):
+        torch.testing.assert_close(g, want[k], rtol=1e-5, atol=1e-5)  # float32: rebuild rounding only
