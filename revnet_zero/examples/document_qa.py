@@ -202,7 +202,9 @@ class DocumentQA:
         ids = torch.tensor([ids], device=self.device)
         out = []
         for _ in range(max_new_bytes):
-            nxt = self.model(input_ids=ids).logits[0, -1].argmax().item()
+            # the last context_length bytes: a long document already fills the context, and GPT-2's
+            # position table ends there (a longer input raised IndexError)
+            nxt = self.model(input_ids=ids[:, -self.config.context_length:]).logits[0, -1].argmax().item()
             if nxt >= 256 or chr(nxt) in ".\n":
                 break
             out.append(nxt)
