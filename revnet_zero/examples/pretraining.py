@@ -93,6 +93,8 @@ class LongContextPretraining:
             root = Path(c.dataset)
             files = sorted(root.rglob("*.txt")) + sorted(root.rglob("*.py")) if root.is_dir() else [root]
             corpus = read_texts(files, c.max_chars)
+            if not corpus.texts:
+                raise ValueError(f"dataset={c.dataset!r} holds no readable text (.txt or .py files, UTF-8)")
         data = PackedDataset.from_texts(corpus.texts, self.tokenizer, c.context_length)
         if len(data) < 2:
             raise ValueError(f"{c.dataset!r} gives {len(data)} sequence(s) of {c.context_length} tokens; "
