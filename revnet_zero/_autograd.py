@@ -118,6 +118,15 @@ class HeldTensors:
                       for m in module.modules() for table in (m._parameters, m._buffers)
                       for name, t in table.items() if t is not None]
         self.versions = [t._version if is_param else None for *_, t, is_param in self.slots]
+        self.read: list[tuple[str, Tensor, int]] = []   # buffers and keyword tensors (see ``seal``)
+
+    def seal(self, kwargs: dict) -> None:
+        """After the forward: record the versions of the buffers and keyword tensors it read. The
+        recompute reads them again, so an in-place edit before backward would rebuild other inputs
+        and give wrong gradients silently (plain autograd either does not need them or refuses)."""
+        buffers = [(f"buffer {name!r}", t) for _, _, name, t, is_param in self.slots if not is_param]
+        tensors = buffers + [(f"keyword argument {k!r}", v) for k, v in kwargs.items() if isinstance(v, Tensor)]
+        self.read = [(what, t, t._version) for what, t in tensors if not t.is_inference()]
 
     def parameters(self) -> list[Tensor]:
         """The distinct tensors in parameter slots that require grad, in module order."""
@@ -138,6 +147,12 @@ class HeldTensors:
                     f"operation: parameter {qualified!r} of {who} is at version {t._version}; expected version "
                     f"{version}. The reversible backward recomputes the block from its parameters: change "
                     "them only after backward (e.g. optimizer.step() after loss.backward())")
+        for what, t, version in self.read:
+            if t._version != version:
+                raise RuntimeError(
+                    f"one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: {what} of {who} is at version {t._version}; expected version {version}. The "
+                    "reversible backward recomputes the block with it: change it only after backward")
 
     @contextlib.contextmanager
     def restored(self, needed: list[Tensor]):

@@ -115,6 +115,9 @@ def _read_config(path: Path) -> dict:
     unknown = sorted(set(loaded) - set(TRAIN_DEFAULTS))
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; known: {sorted(TRAIN_DEFAULTS)}")
+    if not isinstance(loaded.get("model", {}), dict):
+        raise ValueError(f"{path}: 'model' must be a mapping of model fields to values (e.g. "
+                         f"{{\"num_layers\": 4}}), got {loaded['model']!r}")
     return loaded
 
 

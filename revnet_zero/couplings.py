@@ -182,11 +182,12 @@ class AffineCoupling(StepCoupling):
 
     def combine(self, x, h):
         s, t, _ = self._scale_shift(x, h)
-        return x * s + t
+        # the float32 scale must not widen bf16/fp16 streams: the next function expects their dtype
+        return (x * s + t).to(torch.promote_types(x.dtype, h.dtype))
 
     def separate(self, y, h, inplace):
         s, t, _ = self._scale_shift(y, h)
-        return y.sub_(t).div_(s) if inplace else (y - t) / s
+        return y.sub_(t).div_(s) if inplace else ((y - t) / s).to(torch.promote_types(y.dtype, h.dtype))
 
     def combine_vjp(self, x, h, dy):
         s, _, th = self._scale_shift(x, h)

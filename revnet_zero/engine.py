@@ -97,6 +97,7 @@ class _ReversibleFunction(torch.autograd.Function):
             y1, y2 = c(x1, x2, **kwargs)
         if before is not None:
             _refuse_unreplayable_randomness(before, x1.device, index)
+        held.seal(kwargs)
         # The last block of a run of recomputing blocks keeps its outputs: they are the run's
         # outputs, alive anyway (the next stored block or the caller holds them).
         ctx.loads_tape = slot.save_outputs
@@ -323,6 +324,16 @@ def _unchanged(recorded: tuple[weakref.ref, int], x: Tensor) -> bool:
                       and x.dtype == y.dtype)
 
 
+def _refuse_functorch(who: str) -> None:
+    """The engine's Function keeps a tape across blocks, which torch.func transforms (grad, vmap, jacrev)
+    cannot trace; say so rather than let autograd ask for a ``setup_context``."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise RuntimeError(
+            f"{who}: torch.func transforms (grad, vmap, jacrev, ...) cannot differentiate the reversible "
+            "engine. Use torch.func.functional_call with torch.autograd.grad (supported), run under "
+            "torch.no_grad() for a forward only, or set policy='store' on the blocks")
+
+
 def _check_run(slot: TapeSlot, x1: Tensor, x2: Tensor, coupling: BaseCoupling) -> None:
     """Refuse what would make the reversible backward differ from plain autograd's: streams that
     are not the previous block's outputs (its backward rebuilds those from ours), and hooks on the
@@ -414,9 +425,12 @@ class ReversibleBlock(nn.Module):
         if not needs_grad or self.policy == "store":
             y1, y2 = self.coupling(x1, x2, **kwargs)
         else:
+            _refuse_functorch(type(self).__name__)
             _check_run(slot, x1, x2, self.coupling)
             y1, y2 = _ReversibleFunction.apply(self, slot, kwargs, held, x1, x2, *params)
-        slot.tape.out = [(weakref.ref(y1), y1._version), (weakref.ref(y2), y2._version)]
+        # inference tensors (torch.inference_mode) keep no version counter, and no backward follows
+        slot.tape.out = None if y1.is_inference() else [(weakref.ref(y1), y1._version),
+                                                        (weakref.ref(y2), y2._version)]
         return y1, y2
 
     def inverse(self, y1: Tensor, y2: Tensor, **kwargs) -> tuple[Tensor, Tensor]:

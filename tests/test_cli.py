@@ -209,3 +209,11 @@ def test_each_usage_line_names_its_subcommand(command):
     assert re.search(rf"^usage: revnet-zero {command}\b", r.output, flags=re.I | re.M), r.output[:300]
     if command != "bench":  # (bench prints the benchmark runner's own help, which that module owns)
         assert not re.search(r"DESIGN\.md|BENCHMARKS\.md|shared/|seed doc", r.output), r.output
+
+
+def test_a_config_whose_model_entry_is_not_a_mapping_names_it(tmp_path):
+    # {"model": 3} used to end as "error: 'int' object is not a mapping"
+    cfg = tmp_path / "bad_model.json"
+    cfg.write_text(json.dumps({"model": 3}))
+    r = invoke("train", "--config", cfg, "--data", tmp_path)
+    assert r.exit_code == 1 and "'model' must be a mapping" in r.output and "got 3" in r.output

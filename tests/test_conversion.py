@@ -1068,3 +1068,19 @@ def test_lean_rmsnorm_is_hugging_faces(dtype, autocast):
     assert k_plain > k_lean
     plain_rmsnorm(lean)
     assert "forward" not in lean.__dict__
+
+
+@pytest.mark.parametrize("coupling", ["additive", "bdia"])
+def test_a_converted_model_pickles_and_keeps_its_outputs(coupling):
+    # the converter bound a module-level function to the model as gradient_checkpointing_enable, and
+    # pickle failed: "'GPT2LMHeadModel' object has no attribute '_checkpointing_not_needed'"
+    import pickle
+    torch.manual_seed(0)
+    model = convert_to_reversible(GPT2LMHeadModel(gpt2_config(layers=2, dropout=0.0)), coupling=coupling,
+                                  verbose=False).eval()
+    copied = pickle.loads(pickle.dumps(model))
+    ids = torch.randint(0, VOCAB, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(copied(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.warns(UserWarning, match="gradient_checkpointing_enable"):
+        copied.gradient_checkpointing_enable()

@@ -221,3 +221,100 @@ def test_frozen_and_unrequested_parameters_are_not_foreign():
     r1, r2 = plain(x)
     (want,) = torch.autograd.grad((r1 * r2).sum(), [x])
     assert rel_err(gx, want) <= 1e-6
+
+
+def test_inference_mode_forward_matches_no_grad():
+    # inference tensors keep no version counter: the engine's record of a block's outputs must not
+    # read one (it raised "Inference tensors do not track version counter")
+    seq = ReversibleSequence([AdditiveCoupling(f=torch.nn.Linear(8, 8), g=torch.nn.Linear(8, 8)) for _ in range(3)])
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        expected = seq(x)
+    with torch.inference_mode():
+        got = seq(x)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+class _Scaled(torch.nn.Module):
+    """A linear map times a buffer and a keyword tensor: both are read again by the recompute."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.register_buffer("scale", torch.ones(8))
+
+    def forward(self, x, mask):
+        return self.lin(x) * self.scale + mask
+
+
+@pytest.mark.parametrize("edit", ["buffer", "keyword"])
+def test_buffer_or_keyword_tensor_edited_in_place_before_backward_raises(edit):
+    # both used to be recomputed with the edited values: rebuilt inputs off, wrong gradients, no error
+    seq = ReversibleSequence([AdditiveCoupling(f=_Scaled(), g=_Scaled()) for _ in range(2)])
+    mask = torch.zeros(2, 5, 8)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    y1, y2 = seq(x, mask=mask)
+    (seq.blocks[0].coupling.f.scale if edit == "buffer" else mask).add_(1.0)
+    with pytest.raises(RuntimeError, match="buffer 'scale'" if edit == "buffer" else "keyword argument 'mask'"):
+        (y1 * y2).sum().backward()
+
+
+def test_buffer_edited_after_backward_is_fine():
+    seq = ReversibleSequence([AdditiveCoupling(f=_Scaled(), g=_Scaled()) for _ in range(2)])
+    mask = torch.zeros(2, 5, 8)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    y1, y2 = seq(x, mask=mask)
+    (y1 * y2).sum().backward()
+    seq.blocks[0].coupling.f.scale.add_(1.0)
+    mask.add_(1.0)
+    y1, y2 = seq(x, mask=mask)
+    (y1 * y2).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_affine_coupling_keeps_bf16_streams_and_matches_float64_gradients():
+    # AffineCoupling's float32 scale widened bf16 streams to float32, so the next block's bf16 Linear
+    # failed with "mat1 and mat2 must have the same dtype". Tolerance: bf16 keeps 8 significant bits
+    # (eps 2^-8 = 3.9e-3); plain autograd in bf16 is ~2 eps off float64 here, and the rebuild adds one
+    # bf16 rounding per stream per block (3 blocks): 0.05 is ~13 eps, and a wrong gradient is O(1) off.
+    torch.manual_seed(0)
+    from revnet_zero import AffineCoupling
+    seq = ReversibleSequence([AffineCoupling(f=torch.nn.Linear(8, 16), g=torch.nn.Linear(8, 16))
+                              for _ in range(3)], stream_dtype=None)
+    x = torch.randn(2, 5, 8)
+
+    def grads(dtype, policy):
+        m = copy.deepcopy(seq).to(dtype)
+        m.set_policy(policy)
+        xi = x.to(dtype).requires_grad_()
+        y1, y2 = m(xi)
+        assert y1.dtype == y2.dtype == dtype
+        (y1.double() * y2.double()).sum().backward()
+        return [xi.grad.double()] + [p.grad.double() for p in m.parameters()]
+
+    ref = grads(torch.float64, "store")
+    for policy in ("store", "recompute"):
+        errs = [((a - b).norm() / b.norm()).item() for a, b in zip(grads(torch.bfloat16, policy), ref)]
+        assert max(errs) < 0.05, (policy, errs)
+
+
+def test_torch_func_grad_is_refused_with_a_message_that_names_the_way_out():
+    # it used to fail inside autograd with "it must override the setup_context staticmethod"
+    seq = ReversibleSequence([AdditiveCoupling(f=torch.nn.Linear(8, 8), g=torch.nn.Linear(8, 8)) for _ in range(2)])
+    x = torch.randn(2, 5, 8)
+    params = {k: v.detach() for k, v in seq.named_parameters()}
+
+    def loss(p):
+        y1, y2 = torch.func.functional_call(seq, p, (x,))
+        return (y1 * y2).sum()
+
+    with pytest.raises(RuntimeError, match="functional_call with torch.autograd.grad"):
+        torch.func.grad(loss)(params)
+    # the supported route gives plain autograd's gradients (store policy: no engine)
+    ref = copy.deepcopy(seq)
+    ref.set_policy("store")
+    live = {k: v.clone().requires_grad_() for k, v in params.items()}
+    got = torch.autograd.grad(loss(live), list(live.values()))
+    want = torch.func.grad(lambda p: (lambda y: (y[0] * y[1]).sum())(torch.func.functional_call(ref, p, (x,))))(params)
+    for g, k in zip(got, live):
+        torch.testing.assert_close(g, want[k], rtol=1e-5, atol=1e-5)  # float32: rebuild rounding only

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -268,13 +267,14 @@ def convert_to_reversible(model: nn.Module, coupling: str = "bdia", checkpoint_s
                               mlp_chunk=mlp_chunk_size, lean_norms=lean, offload=offload, family=family,
                               grid_step=grid_step)
     model.reversible_report = report
-    model.gradient_checkpointing_enable = types.MethodType(_checkpointing_not_needed, model)  # deepcopy rebinds it
+    # a plain function, not a method bound to the model: pickle finds it by name (a bound method failed)
+    model.gradient_checkpointing_enable = _checkpointing_not_needed
     if verbose:
         print(report)
     return model
 
 
-def _checkpointing_not_needed(self, *args, **kwargs) -> None:
+def _checkpointing_not_needed(*args, **kwargs) -> None:
     """``gradient_checkpointing_enable`` of a converted model: a no-op with a notice. Trainers turn
     checkpointing on by default (TRL's ``SFTConfig``); the reversible layers keep no activations, so
     checkpointing would only run every layer once more. Layers that could not be made reversible are

@@ -10,6 +10,7 @@ use real ones. Tokens are bytes (``ByteTokenizer``), so any model needs a vocabu
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 
 import torch
@@ -46,8 +47,14 @@ class DocumentQAConfig:
             raise ValueError(f"model_size must be one of {sorted(SIZES)}, got {self.model_size!r}")
         for name in ("context_length", "batch_size", "facts_per_document"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        # AdamW takes lr=inf and writes NaN weights: refuse it here
+        if (isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, (int, float))
+                or not 0 < self.learning_rate < math.inf):
+            raise ValueError(f"learning_rate must be a positive finite number, got {self.learning_rate!r}")
+        if self.gamma0 not in (0.5, 0.25, 0.125):
+            raise ValueError(f"gamma0 must be 1/2, 1/4 or 1/8, got {self.gamma0!r}")
         if self.context_length < 128:
             raise ValueError(f"context_length must be at least 128 bytes (a question and its facts), "
                              f"got {self.context_length}")
@@ -195,7 +202,9 @@ class DocumentQA:
         ids = torch.tensor([ids], device=self.device)
         out = []
         for _ in range(max_new_bytes):
-            nxt = self.model(input_ids=ids).logits[0, -1].argmax().item()
+            # the last context_length bytes: a long document already fills the context, and GPT-2's
+            # position table ends there (a longer input raised IndexError)
+            nxt = self.model(input_ids=ids[:, -self.config.context_length:]).logits[0, -1].argmax().item()
             if nxt >= 256 or chr(nxt) in ".\n":
                 break
             out.append(nxt)

@@ -7,6 +7,7 @@ memory of reversible and of ordinary training of the same model, then trains wit
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from ..data import ByteTokenizer, PackedDataset, read_texts
 from ..demo import stdlib_sources
 from ..models import PRESETS, ReversibleGPT, TransformerConfig
 from ..training import Trainer, TrainingConfig, compare_policies
+from ..training.trainer import PRECISIONS
 
 # Names of corpora that live on the network: asked for by name, they get an error that names the offline way.
 REMOTE_DATASETS = {"openwebtext", "the_pile", "pile", "c4", "redpajama", "fineweb", "wikitext", "pg19"}
@@ -38,7 +40,7 @@ class PretrainingConfig:
             raise ValueError(f"model_size must be one of {sorted(PRESETS)}, got {self.model_size!r}")
         for name in ("context_length", "batch_size", "gradient_accumulation", "max_chars"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.context_length < 2:
             raise ValueError(f"context_length must be at least 2, got {self.context_length}")
@@ -46,10 +48,16 @@ class PretrainingConfig:
             raise ValueError(f"dataset={self.dataset!r} would be downloaded, which this example does not do; "
                              "use dataset='stdlib' (the Python standard library's source, on this machine) or "
                              "the path of a local text file or folder")
-        if self.dataset != "stdlib" and not Path(self.dataset).exists():
+        if self.precision not in PRECISIONS:   # now, not after the corpus is read
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        # Path('') is the working directory: an empty dataset would read it silently
+        if not self.dataset or (self.dataset != "stdlib" and not Path(self.dataset).exists()):
             raise ValueError(f"dataset={self.dataset!r} is neither 'stdlib' nor an existing file or folder")
-        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be a positive float, got {self.learning_rate!r}")
+        if (isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, (int, float))
+                or not 0 < self.learning_rate < math.inf):
+            raise ValueError(f"learning_rate must be a positive finite number, got {self.learning_rate!r}")
 
 
 class LongContextPretraining:
@@ -85,6 +93,8 @@ class LongContextPretraining:
             root = Path(c.dataset)
             files = sorted(root.rglob("*.txt")) + sorted(root.rglob("*.py")) if root.is_dir() else [root]
             corpus = read_texts(files, c.max_chars)
+            if not corpus.texts:
+                raise ValueError(f"dataset={c.dataset!r} holds no readable text (.txt or .py files, UTF-8)")
         data = PackedDataset.from_texts(corpus.texts, self.tokenizer, c.context_length)
         if len(data) < 2:
             raise ValueError(f"{c.dataset!r} gives {len(data)} sequence(s) of {c.context_length} tokens; "

@@ -107,6 +107,9 @@ class MemoryEfficientResearch:
     def test_scaling_laws(self, seq_lengths=(64, 128, 256), num_layers=(2, 4)) -> dict:
         """Step memory, reversible and standard, at every (depth, length); fitted: bytes per token (slope over
         length at the largest depth) and bytes per layer (slope over depth at the longest length)."""
+        for name, values in (("seq_lengths", seq_lengths), ("num_layers", num_layers)):
+            if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+                raise ValueError(f"{name} must be ints, got {list(values)!r}")
         seq_lengths, num_layers = sorted(set(seq_lengths)), sorted(set(num_layers))
         if not seq_lengths or not num_layers or min(seq_lengths) < 2 or min(num_layers) < 1:
             raise ValueError(f"need lengths >= 2 and depths >= 1, got {seq_lengths} and {num_layers}")
