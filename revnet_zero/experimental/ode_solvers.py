@@ -17,6 +17,8 @@ an Euler update with the old slope, ``(h / 2) |slope_new - slope_old|`` (order 2
 """
 from __future__ import annotations
 
+import abc
+
 from collections.abc import Callable
 
 import torch
@@ -26,27 +28,31 @@ Field = Callable[[float, Tensor], Tensor]   # f(t, z [B, S, D]) -> dz/dt [B, S, 
 State = tuple[Tensor, ...]
 
 
-class ReversibleSolver:
+class ReversibleSolver(abc.ABC):
     """A reversible one-step method. ``init`` builds the state from ``z0``; ``step`` / ``unstep`` are
     exact inverses of each other (up to rounding); ``output`` is the solution ``z`` in the state."""
 
     name = ""
 
+    @abc.abstractmethod
     def init(self, f: Field, t: float, z: Tensor) -> State:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def step(self, f: Field, t: float, h: float, s: State) -> State:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def unstep(self, f: Field, t: float, h: float, s: State) -> State:
         """The state at ``t`` from the state at ``t + h``."""
-        raise NotImplementedError
+        ...
 
     def output(self, s: State) -> Tensor:
         return s[0]
 
+    @abc.abstractmethod
     def local_error(self, old: State, new: State, h: float) -> Tensor:
-        raise NotImplementedError
+        ...
 
 
 class AsyncLeapfrog(ReversibleSolver):

@@ -16,6 +16,8 @@ variants do not run one kernel call over the sequence, so those policies are ref
 """
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,7 +31,7 @@ from .reversible_attention import SelfAttention
 BACKENDS = ("auto", "flex", "chunked")
 
 
-class _VariantAttention(SelfAttention):
+class _VariantAttention(SelfAttention, metaclass=abc.ABCMeta):
     """What the variants share: causal only, cache dispatch, refusal of kept-attention policies."""
 
     name = "variant"
@@ -64,13 +66,15 @@ class _VariantAttention(SelfAttention):
             y = self.attend_history(q, k, v, start)
         return self.drop(self.wo(y.transpose(1, 2).reshape(B, S, D)))
 
+    @abc.abstractmethod
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Training path: q ``[B, H, S, hd]``, k, v ``[B, Hkv, S, hd]`` -> ``[B, H, S, hd]``."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def attend_history(self, q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
         """Queries at positions ``start ..`` against all keys ``0 .. start + T - 1``."""
-        raise NotImplementedError
+        ...
 
 
 def _check_backend(backend: str) -> str:
