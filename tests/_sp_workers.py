@@ -12,16 +12,18 @@ import _spawn
 import torch
 
 from revnet_zero import ReversibleTransformer, TransformerConfig
+from revnet_zero.models import ReversibleBERT
 from revnet_zero.distributed import average_gradients, enable_sequence_parallel
 
 SEQ, BATCH = 24, 2   # 24 splits over 2, 3 and 4 ranks
 
 
-def build(num_kv_heads: int = 2, policy: str = "recompute", seed: int = 0, **overrides) -> ReversibleTransformer:
+def build(num_kv_heads: int = 2, policy: str = "recompute", seed: int = 0, bert: bool = False,
+          dtype: str = "float32", **overrides) -> ReversibleTransformer:
     torch.manual_seed(seed)
-    cfg = TransformerConfig(**{**dict(vocab_size=61, num_layers=3, d_model=48, num_heads=4,
+    cfg = TransformerConfig(**{**dict(vocab_size=61, num_layers=3, d_model=48, num_heads=4, causal=not bert,
                                       num_kv_heads=num_kv_heads, max_seq_len=64, loss_chunk_size=7), **overrides})
-    model = ReversibleTransformer(cfg)
+    model = (ReversibleBERT if bert else ReversibleTransformer)(cfg).to(getattr(torch, dtype))
     model.blocks.set_policy(policy)
     return model
 
@@ -52,9 +54,9 @@ def reference(model, ids, labels) -> dict:
     return {"loss": loss.detach(), "grads": grads(ref)}
 
 
-def sp_worker(rank: int, world: int, mode: str, num_kv_heads: int, policy: str) -> dict:
+def sp_worker(rank: int, world: int, mode: str, num_kv_heads: int, policy: str, **build_kwargs) -> dict:
     """Sequence parallel (no data-parallel wrapper; ``average_gradients``) vs one process."""
-    model = build(num_kv_heads, policy)
+    model = build(num_kv_heads, policy, **build_kwargs)
     ids, labels = batch()
     want = reference(model, ids, labels)
     sp = enable_sequence_parallel(model, mode=mode)
@@ -81,13 +83,13 @@ def sp_fsdp2_worker(rank: int, world: int, mode: str) -> dict:
     return {"loss": loss.detach(), "grads": grads(model), "want": want}
 
 
-def sp_eval_worker(rank: int, world: int) -> dict:
+def sp_eval_worker(rank: int, world: int, mode: str = "all_to_all") -> dict:
     """Eval forward under no_grad with the sequence split: the same loss as one process."""
     model = build().eval()
     ids, labels = batch()
     with torch.no_grad():
         want = model(ids, labels=labels).loss
-        enable_sequence_parallel(model)
+        enable_sequence_parallel(model, mode=mode)
         got = model(ids, labels=labels).loss
     return {"loss": got, "want": want}
 
@@ -101,7 +103,10 @@ def sp_refusals_worker(rank: int, world: int) -> dict:
     for name, fn in {
         "odd length": lambda: model(ids),
         "heads": lambda: enable_sequence_parallel(build(num_heads=3, num_kv_heads=3)),
-        "mode": lambda: enable_sequence_parallel(build(), mode="ring"),
+        "mode": lambda: enable_sequence_parallel(build(), mode="ring_flash"),
+        "ring length": lambda: build_ring()(batch()[0][:, :SEQ - 2]),
+        "ring dropout": lambda: enable_sequence_parallel(build(attention_dropout=0.1), mode="ring"),
+        "ring mask": lambda: _ring_bert_with_mask(),
         "generate": lambda: model.eval().generate(ids[:, :4], max_new_tokens=2),
         "variant": lambda: enable_sequence_parallel(build(attention="sliding_window", attention_window=4)),
         # each rank its own batch (a data loader per rank): once trained on a mix of sequences silently
@@ -116,8 +121,24 @@ def sp_refusals_worker(rank: int, world: int) -> dict:
     return messages
 
 
+def build_ring():
+    model = build()
+    enable_sequence_parallel(model, mode="ring")
+    return model
+
+
+def _ring_bert_with_mask():
+    model = build(bert=True)
+    enable_sequence_parallel(model, mode="ring")
+    ids, labels = batch()
+    mask = torch.ones_like(ids)
+    mask[1, -4:] = 0    # row 1 is padded
+    model(ids, labels=labels, attention_mask=mask)
+
+
 def trainer_worker(rank: int, world: int, sequence_parallel: int, sharding_strategy: str,
-                   out_dir: str | None = None, steps: int | None = None, resume: bool = False) -> dict:
+                   out_dir: str | None = None, steps: int | None = None, resume: bool = False,
+                   sequence_parallel_mode: str = "all_to_all") -> dict:
     """DistributedReversibleTrainer with ``sequence_parallel`` ranks per sequence on the run of
     ``_trainer_workers`` (its single-process reference sees the same global batches)."""
     import _trainer_workers as T
@@ -125,6 +146,7 @@ def trainer_worker(rank: int, world: int, sequence_parallel: int, sharding_strat
     data_ranks = world // sequence_parallel
     trainer = DistributedReversibleTrainer(T.build_model(), sharding_strategy=sharding_strategy,
                                            sequence_parallel=sequence_parallel,
+                                           sequence_parallel_mode=sequence_parallel_mode,
                                            batch_size=T.GLOBAL_BATCH // data_ranks, out_dir=out_dir,
                                            **T.TRAIN)
     trainer.train(train_dataset=T.dataset(), num_steps=steps or T.STEPS, resume=resume)

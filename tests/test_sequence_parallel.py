@@ -36,29 +36,51 @@ def _assert_equal_to_one_process(results, what):
         assert err <= RTOL, f"{what} rank {rank}: gradient of {name} off by {err:.3g} (> {RTOL})"
 
 
-@pytest.mark.parametrize("mode,world,num_kv_heads", [("all_to_all", 2, 2), ("all_gather", 2, 2),
-                                                      ("all_to_all", 4, 1), ("all_gather", 4, 2)])
+@pytest.mark.parametrize("mode,world,num_kv_heads", [("all_to_all", 2, 2), ("all_gather", 2, 2), ("ring", 2, 2),
+                                                      ("all_to_all", 4, 1), ("all_gather", 4, 2), ("ring", 4, 1)])
 def test_loss_and_gradients_equal_one_process(mode, world, num_kv_heads):
-    """Both modes over 2 and 4 ranks; GQA with key/value heads dividing the ranks (2 over 2) and fewer
-    than the ranks (2 and 1 over 4: repeated up to the query heads)."""
+    """Every mode over 2 and 4 ranks; GQA with key/value heads dividing the ranks (2 over 2) and fewer
+    than the ranks (2 and 1 over 4: repeated up to the query heads). Ring over 4 ranks cuts the 24
+    positions into 8 chunks of 3, each rank holding chunks r and 7 - r."""
     results = W.run("sp_worker", world, mode=mode, num_kv_heads=num_kv_heads, policy="recompute")
     _assert_equal_to_one_process(results, f"{mode} over {world} ranks, {num_kv_heads} kv heads")
 
 
-@pytest.mark.parametrize("policy", ["store_attention", "store"])
-def test_memory_policies_compose(policy):
-    """Kept attention (the recompute skips the kernel but repeats the all-to-alls) and plain autograd."""
-    _assert_equal_to_one_process(W.run("sp_worker", 2, mode="all_to_all", num_kv_heads=2, policy=policy),
-                                 policy)
+@pytest.mark.parametrize("mode", ["all_to_all", "ring"])
+def test_bidirectional_encoder_equals_one_process(mode):
+    """ReversibleBERT (no causal mask): all-to-all and the ring without load balancing (contiguous shards)."""
+    results = W.run("sp_worker", 2, mode=mode, num_kv_heads=2, policy="recompute", bert=True)
+    _assert_equal_to_one_process(results, f"BERT, {mode}")
 
 
-@pytest.mark.parametrize("mode", ["all_to_all", "all_gather"])
+def test_ring_in_float64_equals_one_process_to_float64_precision():
+    """float64 merges its partial outputs in float64 (torch would merge in float32 by default): the ring
+    over 4 ranks agrees with one process to 1e-12 (measured 9e-16); a float32 merge leaves 1.1e-7
+    (measured by forcing it). float64 streams too: the default float32 streams alone cost 1.5e-7."""
+    for rank, r in enumerate(W.run("sp_worker", 4, mode="ring", num_kv_heads=2, policy="recompute",
+                                   dtype="float64", stream_dtype=torch.float64)):
+        assert torch.allclose(r["loss"], r["want"]["loss"], rtol=1e-12, atol=0), (rank, r["loss"])
+        err, name = worst_rel_err(r["grads"], r["want"]["grads"])
+        assert err <= 1e-12, f"rank {rank}: gradient of {name} off by {err:.3g}"
+
+
+@pytest.mark.parametrize("mode,policy", [("all_to_all", "store_attention"), ("all_to_all", "store"),
+                                         ("ring", "store_attention"), ("ring", "store")])
+def test_memory_policies_compose(mode, policy):
+    """Kept attention (the recompute skips the kernel but repeats the collectives; for the ring, the
+    backward ring runs from the kept output) and plain autograd."""
+    _assert_equal_to_one_process(W.run("sp_worker", 2, mode=mode, num_kv_heads=2, policy=policy),
+                                 f"{mode}, {policy}")
+
+
+@pytest.mark.parametrize("mode", ["all_to_all", "all_gather", "ring"])
 def test_fsdp2_per_block_composes(mode):
     _assert_equal_to_one_process(W.run("sp_fsdp2_worker", 2, mode=mode), f"FSDP2 + {mode}")
 
 
-def test_eval_forward_equals_one_process():
-    for r in W.run("sp_eval_worker", 2):
+@pytest.mark.parametrize("mode", ["all_to_all", "ring"])
+def test_eval_forward_equals_one_process(mode):
+    for r in W.run("sp_eval_worker", 2, mode=mode):
         assert torch.allclose(r["loss"], r["want"], rtol=RTOL, atol=0), (r["loss"], r["want"])
 
 
@@ -66,7 +88,10 @@ def test_bad_configurations_are_refused_with_the_values():
     messages = W.run("sp_refusals_worker", 2)[0]
     assert "divisible by 2, got 25" in messages["odd length"]
     assert "3 attention heads" in messages["heads"] and "all_gather" in messages["heads"]
-    assert "'ring'" in messages["mode"]
+    assert "'ring'" in messages["mode"] and "'ring_flash'" in messages["mode"]
+    assert "divisible by 4, got 22" in messages["ring length"] and "two per rank" in messages["ring length"]
+    assert "attention_dropout=0.1" in messages["ring dropout"]
+    assert "without a mask" in messages["ring mask"]
     assert "disable_sequence_parallel" in messages["generate"]
     assert "SlidingWindowAttention" in messages["variant"] and "softmax" in messages["variant"]
     assert "rank 0 of 2 got input_ids (1, 24)" in messages["different ids"]
@@ -79,10 +104,13 @@ def reference():
     return T.single_process_run()
 
 
-@pytest.mark.parametrize("world,strategy", [(2, "ddp"), (4, "fsdp")])
-def test_trainer_equals_one_process_with_the_global_batch(reference, world, strategy):
-    """``sequence_parallel=2``: 2 ranks split each sequence; over 4 ranks, 2 data shards of 2."""
-    for rank, r in enumerate(W.run("trainer_worker", world, sequence_parallel=2, sharding_strategy=strategy)):
+@pytest.mark.parametrize("world,strategy,mode", [(2, "ddp", "all_to_all"), (4, "fsdp", "all_to_all"),
+                                                 (4, "fsdp", "ring")])
+def test_trainer_equals_one_process_with_the_global_batch(reference, world, strategy, mode):
+    """``sequence_parallel=2``: 2 ranks split each sequence; over 4 ranks, 2 data shards of 2 (for the
+    ring: two rings of 2 ranks, each on its own process group)."""
+    for rank, r in enumerate(W.run("trainer_worker", world, sequence_parallel=2, sharding_strategy=strategy,
+                                   sequence_parallel_mode=mode)):
         for got, want in zip(r["history"], reference["history"]):
             assert got["loss"] == pytest.approx(want["loss"], rel=RTOL), (rank, got, want)
         err, name = worst_rel_err(r["params"], reference["params"])
@@ -105,16 +133,17 @@ def test_trainer_refuses_a_group_size_that_does_not_divide_the_world():
 
 
 def test_launcher_smoke_on_cpu(tmp_path):
-    """The GPU sweep's own code path at tiny sizes: torchrun with 1 and 2 CPU processes (gloo), both
-    modes, the 1-vs-2 gradient check, and the weak-scaling table."""
+    """The GPU sweep's own code path at tiny sizes: torchrun with 1 and 2 CPU processes (gloo), every
+    modes (all-to-all, all-gather, ring), the 1-vs-2 gradient check, and the weak-scaling table."""
     from revnet_zero.benchmarks import sequence_parallel as bench
     bench.main(["sweep", "--gpus", "1,2", "--model", "tiny", "--lengths", "16,32", "--repeats", "1",
                 "--grad-check", "--grad-check-len", "32", "--out-dir", str(tmp_path), "--timeout-s", "300"])
     rows = __import__("json").loads(next(tmp_path.glob("sequence_parallel_*.json")).read_text())
     steps = [r for r in rows if r["kind"] == "step"]
-    assert {(r["gpus"], r["mode"]) for r in steps} == {(1, "single"), (2, "all_to_all"), (2, "all_gather")}
+    assert {(r["gpus"], r["mode"]) for r in steps} == {(1, "single"), (2, "all_to_all"), (2, "all_gather"),
+                                                        (2, "ring")}
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in steps)
     assert all("weak_scaling_efficiency" in r for r in steps)
     checks = [r for r in rows if r["kind"] == "grad_check"]
-    assert len(checks) == 2 and all(r["grad_rel_err"] < 1e-5 for r in checks), checks
+    assert len(checks) == 3 and all(r["grad_rel_err"] < 1e-5 for r in checks), checks
     assert "weak-scaling" in next(tmp_path.glob("sequence_parallel_*.md")).read_text()

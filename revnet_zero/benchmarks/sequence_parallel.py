@@ -251,10 +251,10 @@ def main(argv: list[str] | None = None) -> None:
         s.add_argument("--memory-cap-gib", type=float, default=None)
         s.add_argument("--commit", default=None)
     run_p, sweep_p = sub.choices["run"], sub.choices["sweep"]
-    run_p.add_argument("--mode", default="all_to_all", choices=["all_to_all", "all_gather"])
+    run_p.add_argument("--mode", default="all_to_all", choices=["all_to_all", "all_gather", "ring"])
     run_p.add_argument("--out", required=True)
     sweep_p.add_argument("--gpus", default="1,2,4")
-    sweep_p.add_argument("--modes", default="all_to_all,all_gather")
+    sweep_p.add_argument("--modes", default="all_to_all,all_gather,ring")
     sweep_p.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     sweep_p.add_argument("--timeout-s", type=int, default=3600)
     args = p.parse_args(argv)

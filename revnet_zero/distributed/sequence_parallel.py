@@ -11,6 +11,11 @@ local shard unchanged; only attention needs other ranks' tokens. Two exact ways 
 * ``'all_gather'`` (the key/value all-gather of Llama 3's context parallelism): each rank keeps its
   queries and gathers the keys and values of the ranks before it, then attends with a causal mask
   aligned to the lower right. Any head count; causal models only.
+* ``'ring'`` (ring attention, PyTorch's context-parallel implementation; ``ring.py``): key/value
+  shards travel round the ring one at a time and the partial outputs are merged by logsumexp, so no
+  rank ever holds more than two shards of keys and values. Any head count, causal or not; causal
+  sequences are cut into ``2N`` chunks and rank ``r`` holds chunks ``r`` and ``2N - 1 - r``, so the
+  causal work is even over the ranks.
 
 The collectives are functional collectives with autograd (``all_to_all_single_autograd``,
 ``all_gather_tensor_autograd``), called inside the attention sub-function: the reversible backward,
@@ -27,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-MODES = ("all_to_all", "all_gather")
+MODES = ("all_to_all", "all_gather", "ring")
 
 
 class SequenceParallel:
@@ -35,17 +40,22 @@ class SequenceParallel:
 
     Attach with ``enable_sequence_parallel(model, ...)``; every rank of ``group`` then calls the model
     on the same full batch ``[B, S]`` (token ids are small), and each computes only its shard of
-    ``S / N`` positions (rank ``r`` holds positions ``[r S/N, (r+1) S/N)``).
+    ``S / N`` positions: rank ``r`` holds positions ``[r S/N, (r+1) S/N)``, or in ``'ring'`` mode
+    with causal attention the chunks ``r`` and ``2N - 1 - r`` of ``2N`` (``local_spans``).
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, mode: str = "all_to_all"):
+    def __init__(self, group: dist.ProcessGroup | None = None, mode: str = "all_to_all", causal: bool = True):
         if mode not in MODES:
             raise ValueError(f"sequence parallel mode must be one of {MODES}, got {mode!r}")
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("sequence parallelism needs torch.distributed initialised (torchrun, then "
                                "torch.distributed.init_process_group())")
+        if mode == "ring":
+            from .ring import ring_api
+            ring_api()   # this torch has the ring functions, or a ValueError now rather than mid-step
         self.group = group if group is not None else dist.group.WORLD
         self.mode = mode
+        self.load_balance = mode == "ring" and causal   # head-tail chunks: even causal work per rank
         self.size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
 
@@ -55,13 +65,25 @@ class SequenceParallel:
     def __repr__(self) -> str:
         return f"SequenceParallel(mode={self.mode!r}, size={self.size}, rank={self.rank})"
 
-    def local_slice(self, length: int) -> slice:
-        """This rank's positions of a sequence of ``length`` tokens."""
-        if length % self.size:
-            raise ValueError(f"sequence parallelism over {self.size} ranks needs a sequence length divisible "
-                             f"by {self.size}, got {length}; pad the batch or pick another length")
-        n = length // self.size
-        return slice(self.rank * n, (self.rank + 1) * n)
+    def local_spans(self, length: int) -> tuple[tuple[int, int], ...]:
+        """This rank's positions of a sequence of ``length`` tokens, as ``(first, count)`` spans in the
+        order the rank holds them."""
+        parts = 2 * self.size if self.load_balance else self.size
+        if length % parts:
+            why = (f"ring sequence parallelism of a causal model over {self.size} ranks cuts it into {parts} "
+                   "chunks (two per rank, for even work), so it" if self.load_balance else
+                   f"sequence parallelism over {self.size} ranks")
+            raise ValueError(f"{why} needs a sequence length divisible by {parts}, got {length}; pad the batch "
+                             "or pick another length")
+        n = length // parts
+        if self.load_balance:
+            return (self.rank * n, n), ((parts - 1 - self.rank) * n, n)
+        return ((self.rank * n, n),)
+
+    def shard(self, t: Tensor, dim: int = 1) -> Tensor:
+        """This rank's positions of ``t`` along ``dim`` (the sequence)."""
+        pieces = [t.narrow(dim, first, n) for first, n in self.local_spans(t.shape[dim])]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
     def check_same_batch(self, input_ids: Tensor, targets: Tensor | None = None) -> None:
         """ValueError unless every rank of the group passed the same ``[B, S]`` ids (and loss targets):
@@ -106,7 +128,7 @@ def enable_sequence_parallel(model: torch.nn.Module, group: dist.ProcessGroup | 
     are ``SelfAttention``). Every rank of the group must call the model together, with the same
     ``input_ids``; ``out.loss`` is the loss of the whole batch on every rank, and the model's gradients,
     averaged over the group (DDP, FSDP2 or ``average_gradients``), are those of one process running
-    the whole sequence.
+    the whole sequence. ``mode``: ``'all_to_all'``, ``'all_gather'`` or ``'ring'`` (module docstring).
 
     Example (inside each process of ``torchrun --nproc-per-node 4``)::
 
@@ -116,11 +138,14 @@ def enable_sequence_parallel(model: torch.nn.Module, group: dist.ProcessGroup | 
         loss.backward()                        # DDP averages: the full-sequence gradient
     """
     from ..layers.reversible_attention import SelfAttention
-    sp = SequenceParallel(group, mode)
     attns = [m for m in model.modules() if isinstance(m, SelfAttention)]
     if not attns:
         raise TypeError(f"{type(model).__name__} has no SelfAttention modules to split the sequence for")
     config = getattr(model, "config", None)
+    sp = SequenceParallel(group, mode, causal=all(m.causal for m in attns))
+    if mode == "ring" and any(m.attention_dropout for m in attns):
+        raise ValueError(f"mode='ring' runs attention without dropout, got attention_dropout="
+                         f"{max(m.attention_dropout for m in attns)}; set it to 0 or use mode='all_to_all'")
     if mode == "all_gather" and config is not None and not getattr(config, "causal", True):
         raise ValueError("mode='all_gather' is for causal models; a bidirectional encoder needs "
                          "mode='all_to_all'")

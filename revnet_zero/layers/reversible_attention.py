@@ -91,7 +91,7 @@ class SelfAttention(nn.Module):
             if cache is not None:
                 raise ValueError("decoding with a KV cache runs on one process; call "
                                  "revnet_zero.distributed.disable_sequence_parallel(model) first")
-            start = sp.rank * S    # this rank's first position in the whole sequence
+            start = sp.local_spans(S * sp.size)   # this rank's positions in the whole sequence
         q, k, v = self.project(x, start)
         if cache is not None:
             if start > 0 and S > 1:
@@ -108,6 +108,14 @@ class SelfAttention(nn.Module):
     def _attend_sequence_parallel(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None, sp):
         """Attention of this rank's queries ``[B, H, S/N, hd]`` over the whole sequence (exact)."""
         from ..distributed import sequence_parallel as spm
+        if sp.mode == "ring":
+            if attention_mask is not None:
+                raise ValueError("ring sequence parallelism runs attention without a mask; batch sequences of "
+                                 "one length (no padding) or use mode='all_to_all'")
+            dropout_p = self.attention_dropout if self.training else 0.0
+            k, v = spm.repeat_kv(k, self.num_heads), spm.repeat_kv(v, self.num_heads)
+            return kept_attention.attention(q, k, v, is_causal=self.causal, dropout_p=dropout_p,
+                                            cuda_backend=self.sdpa_backend, ring=sp)
         if sp.mode == "all_to_all":
             if self.num_kv_heads % sp.size:   # fewer key/value heads than ranks: split them as MHA
                 k, v = spm.repeat_kv(k, self.num_heads), spm.repeat_kv(v, self.num_heads)
@@ -124,8 +132,9 @@ class SelfAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                               is_causal=mask is None)
 
-    def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-        """``x`` ``[B, S, D]`` (positions ``start ..``) -> RoPE'd q ``[B, H, S, hd]``, k and v ``[B, Hkv, S, hd]``."""
+    def project(self, x: Tensor, start: int | tuple[tuple[int, int], ...] = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """``x`` ``[B, S, D]`` (positions ``start ..``, or ``(first, count)`` spans) -> RoPE'd
+        q ``[B, H, S, hd]``, k and v ``[B, Hkv, S, hd]``."""
         B, S, _ = x.shape
         # one low-precision copy of the normed stream feeds q, k and v (autocast would make three)
         norm, rope = norm_rope(self.kernels)

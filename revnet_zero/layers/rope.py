@@ -16,27 +16,32 @@ _CACHE: dict = {}
 CACHE_MAX = 2**22   # elements per table (16 MiB in float32)
 
 
-def rope_cos_sin(start: int, length: int, head_dim: int, theta: float,
+def rope_cos_sin(start: int | tuple[tuple[int, int], ...], length: int, head_dim: int, theta: float,
                  device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-    """cos and sin ``[length, head_dim / 2]`` (float32) for positions ``start .. start + length - 1``.
+    """cos and sin ``[length, head_dim / 2]`` (float32) for positions ``start .. start + length - 1``,
+    or, with ``start`` a tuple of ``(first, count)`` spans whose counts add up to ``length``, for those
+    positions in that order (a sequence-parallel rank holding two chunks of the sequence).
 
     The angles are formed in float64: at position 2M a float32 angle is off by up to 0.06 rad.
     The last result up to ``CACHE_MAX`` elements is cached: every layer of a step asks for the same
     table, in forward and in the recompute, and at short lengths building it costs more launches than
     the rotation itself. The tables are never written to.
     """
+    spans = ((start, length),) if isinstance(start, int) else tuple(start)
+    if sum(n for _, n in spans) != length:
+        raise ValueError(f"RoPE position spans {spans} do not add up to {length} positions")
     if length * head_dim // 2 > CACHE_MAX:
-        return _angles(start, length, head_dim, theta, device)
-    key = (start, length, head_dim, float(theta), str(torch.device(device) if device is not None else "cpu"))
+        return _angles(spans, head_dim, theta, device)
+    key = (spans, head_dim, float(theta), str(torch.device(device) if device is not None else "cpu"))
     if key not in _CACHE:
         _CACHE.clear()
-        _CACHE[key] = _angles(start, length, head_dim, theta, device)
+        _CACHE[key] = _angles(spans, head_dim, theta, device)
     return _CACHE[key]
 
 
-def _angles(start: int, length: int, head_dim: int, theta: float, device) -> tuple[Tensor, Tensor]:
+def _angles(spans: tuple[tuple[int, int], ...], head_dim: int, theta: float, device) -> tuple[Tensor, Tensor]:
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
-    pos = torch.arange(start, start + length, dtype=torch.float64, device=device)
+    pos = torch.cat([torch.arange(s, s + n, dtype=torch.float64, device=device) for s, n in spans])
     angles = torch.outer(pos, inv_freq)
     return angles.cos().float(), angles.sin().float()
 

@@ -96,10 +96,9 @@ class ReversibleLM(nn.Module, abc.ABC):
         sp = getattr(self, "sequence_parallel", None)
         targets = self._targets(input_ids, labels, attention_mask)   # over the whole sequence
         if sp is not None:   # this rank's positions only (distributed/sequence_parallel.py)
-            local = sp.local_slice(input_ids.shape[1])
             sp.check_same_batch(input_ids, targets)
-            input_ids = input_ids[:, local]
-            targets = targets[:, local] if targets is not None else None
+            input_ids = sp.shard(input_ids)
+            targets = sp.shard(targets) if targets is not None else None
         hidden = self.hidden_states(input_ids, **self._block_kwargs(attention_mask))
         loss = None
         if targets is not None:

@@ -127,7 +127,7 @@ def keeping() -> bool:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, dropout_p: float = 0.0,
-              scale: float | None = None, cuda_backend: str = "cudnn") -> Tensor:
+              scale: float | None = None, cuda_backend: str = "cudnn", ring=None) -> Tensor:
     """``F.scaled_dot_product_attention`` on ``[B, H, S, hd]`` (k, v may have fewer heads: GQA).
 
     Inside a reversible block (an ``AttentionStore`` is active) it records or replays: a keeping
@@ -136,15 +136,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, dropout_p: float
     perturbed by two kernels' different roundings (SDPA may pick another kernel, or another
     variant of one, when gradients are needed). ``cuda_backend`` names that kernel for bf16/fp16 on
     CUDA: ``'cudnn'`` (default) or ``'flash'`` (see docs/results.md for how they compare).
+
+    ``ring`` (a ``revnet_zero.distributed.SequenceParallel`` in mode ``'ring'``): q, k, v are this
+    rank's shard of the sequence and every kernel call above becomes a ring over the group
+    (``distributed/ring.py``), with or without a store.
     """
     if cuda_backend not in CUDA_BACKENDS:
         raise ValueError(f"cuda_backend must be one of {CUDA_BACKENDS}, got {cuda_backend!r}")
     gqa = k.shape[1] != q.shape[1]
     store = _STORE.get()
-    plain = store is None or (not store.keep and (dropout_p or not q.is_cuda))
+    plain = ring is None and (store is None or (not store.keep and (dropout_p or not q.is_cuda)))
     if plain:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                                               **({"enable_gqa": True} if gqa else {}))
+    if dropout_p and ring is not None:
+        raise ValueError(f"ring sequence parallelism runs attention without dropout, got attention dropout "
+                         f"{dropout_p}; set attention_dropout=0 or use mode='all_to_all'")
     if dropout_p:
         raise ValueError(f"kept attention (store_attention/offload_attention) needs attention dropout 0, "
                          f"got {dropout_p}; use the 'recompute' policy with attention dropout")
@@ -153,15 +160,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, dropout_p: float
         k, v = (t.transpose(1, 2).repeat_interleave(g, dim=2).transpose(1, 2) for t in (k, v))
     # one fixed layout for every kernel call, forward and backward
     q, k, v = bshd(q), bshd(k), bshd(v)
+    if store is None:   # the ring outside a reversible block: plain autograd or inference
+        out, lse, meta = _forward(q.detach(), k.detach(), v.detach(), is_causal, scale, cuda_backend, ring)
+        return _KeptAttention.apply(q, k, v, out, lse, meta, is_causal, scale)
     if store.recording:
-        out, lse, meta = _forward(q, k, v, is_causal, scale, cuda_backend)
+        out, lse, meta = _forward(q, k, v, is_causal, scale, cuda_backend, ring)
         if store.keep:
             store.push(out, lse, meta)
         return out
     if store.keep:
         out, lse, meta = store.pop()
     else:
-        out, lse, meta = _forward(q.detach(), k.detach(), v.detach(), is_causal, scale, cuda_backend)
+        out, lse, meta = _forward(q.detach(), k.detach(), v.detach(), is_causal, scale, cuda_backend, ring)
     return _KeptAttention.apply(q, k, v, out, lse, meta, is_causal, scale)
 
 
@@ -182,8 +192,11 @@ def _backend(q: Tensor, cuda_backend: str) -> str:
     return cuda_backend if q.dtype in (torch.float16, torch.bfloat16) else "efficient"  # fp32: efficient only
 
 
-def _forward(q, k, v, is_causal, scale, cuda_backend):
+def _forward(q, k, v, is_causal, scale, cuda_backend, ring=None):
     backend = _backend(q, cuda_backend)
+    if ring is not None:
+        from ..distributed.ring import ring_forward
+        return ring_forward(ring, q, k, v, is_causal, scale, backend)
     if backend == "cpu":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scale)
         return out, lse, ("cpu",)
@@ -214,7 +227,10 @@ class _KeptAttention(torch.autograd.Function):
         meta, causal, scale = ctx.meta, ctx.is_causal, ctx.scale
         if dout.stride() != out.stride():  # the kernels expect dout laid out like out
             dout = torch.empty_strided(out.shape, out.stride(), dtype=dout.dtype, device=dout.device).copy_(dout)
-        if meta[0] == "cpu":
+        if meta[0] == "ring":
+            from ..distributed.ring import ring_backward
+            dq, dk, dv = ring_backward(meta, dout, q, k, v, out, lse, causal, scale)
+        elif meta[0] == "cpu":
             dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 dout, q, k, v, out, lse, 0.0, causal, scale=scale)
         elif meta[0] == "efficient":
