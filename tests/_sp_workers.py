@@ -167,3 +167,45 @@ def trainer_refusal_worker(rank: int, world: int) -> str:
     except ValueError as e:
         return str(e)
     return "no error"
+
+
+# --------------------------------------------------------------------------- CUDA (tests/test_sequence_parallel_gpu.py)
+def gloo_cuda_probe(rank: int, world: int) -> str:
+    """'' if gloo runs the ring's collectives (all-to-all, all-gather) on CUDA tensors, else the error."""
+    import torch.distributed._functional_collectives as fc
+    try:
+        x = torch.full((4,), float(rank), device="cuda")
+        moved = fc.permute_tensor(x, [(r + 1) % world for r in range(world)], torch.distributed.group.WORLD)
+        fc.all_gather_tensor(x, 0, torch.distributed.group.WORLD).wait()
+        assert float(moved.wait()[0]) == (rank - 1) % world
+    except Exception as e:  # noqa: BLE001 - the probe reports whatever gloo says
+        return f"{type(e).__name__}: {e}"
+    return ""
+
+
+def sp_cuda_worker(rank: int, world: int, mode: str, dtype: str, backend: str, seq: int) -> dict:
+    """On CUDA: the sequence split over ``world`` ranks vs one process (plain autograd, and the reversible
+    recompute without sequence parallelism: bf16's own noise floor). fp32 parameters; bf16 by autocast."""
+    torch.cuda.set_device(0)
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=256, num_layers=2, d_model=128, num_heads=4, num_kv_heads=2,
+                            max_seq_len=seq, attention_backend=backend)
+    model = ReversibleTransformer(cfg).cuda()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 256, (1, seq), generator=g).cuda()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+    def run(m, policy):
+        m.blocks.set_policy(policy)
+        with autocast:
+            loss = m(ids).loss
+        loss.backward()
+        return {"loss": loss.detach().cpu(), "grads": {n: v.cpu() for n, v in grads(m).items()}}
+
+    want = run(copy.deepcopy(model), "store")
+    base = run(copy.deepcopy(model), "recompute")
+    sp = enable_sequence_parallel(model, mode=mode)
+    got = run(model, "recompute")
+    average_gradients(model, sp)
+    got["grads"] = {n: v.cpu() for n, v in grads(model).items()}
+    return {**got, "want": want, "base": base}

@@ -27,10 +27,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, module: str, worker: str, kwargs: dict, outdir: str) -> None:
+def _entry(rank: int, world: int, port: int, module: str, worker: str, kwargs: dict, outdir: str,
+           pg_backend: str = "gloo") -> None:
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        dist.init_process_group(pg_backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world, timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
         try:
             result = getattr(importlib.import_module(module), worker)(rank, world, **kwargs)
@@ -43,12 +44,13 @@ def _entry(rank: int, world: int, port: int, module: str, worker: str, kwargs: d
         raise SystemExit(1) from None  # the traceback travels in the .err file, not on stderr
 
 
-def run_workers(module: str, worker: str, world: int, **kwargs) -> list:
-    """Run ``module.worker(rank, world, **kwargs)`` in ``world`` spawned processes; each rank's result."""
+def run_workers(module: str, worker: str, world: int, pg_backend: str = "gloo", **kwargs) -> list:
+    """Run ``module.worker(rank, world, **kwargs)`` in ``world`` spawned processes; each rank's result.
+    ``pg_backend``: the process group's backend (``'nccl'`` for one rank per GPU)."""
     ctx = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory() as outdir:
-        procs = [ctx.Process(target=_entry, args=(r, world, port, module, worker, kwargs, outdir))
+        procs = [ctx.Process(target=_entry, args=(r, world, port, module, worker, kwargs, outdir, pg_backend))
                  for r in range(world)]
         for p in procs:
             p.start()

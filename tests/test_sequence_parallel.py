@@ -134,7 +134,7 @@ def test_trainer_refuses_a_group_size_that_does_not_divide_the_world():
 
 def test_launcher_smoke_on_cpu(tmp_path):
     """The GPU sweep's own code path at tiny sizes: torchrun with 1 and 2 CPU processes (gloo), every
-    modes (all-to-all, all-gather, ring), the 1-vs-2 gradient check, and the weak-scaling table."""
+    mode (all-to-all, all-gather, ring), the 1-vs-2 gradient check, and the weak-scaling table."""
     from revnet_zero.benchmarks import sequence_parallel as bench
     bench.main(["sweep", "--gpus", "1,2", "--model", "tiny", "--lengths", "16,32", "--repeats", "1",
                 "--grad-check", "--grad-check-len", "32", "--out-dir", str(tmp_path), "--timeout-s", "300"])
