@@ -21,6 +21,7 @@ keys and values stays ``O(S / N)`` per rank (the ``'all_gather'`` mode instead h
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 
 import torch
@@ -30,6 +31,7 @@ aten = torch.ops.aten
 SEQ_DIM = 2   # q, k, v are [B, H, S, hd]
 
 
+@functools.cache
 def ring_api():
     """PyTorch's context-parallel attention module, or ValueError saying what this torch lacks."""
     cp = None
