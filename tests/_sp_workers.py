@@ -184,8 +184,9 @@ def gloo_cuda_probe(rank: int, world: int) -> str:
 
 
 def sp_cuda_worker(rank: int, world: int, mode: str, dtype: str, backend: str, seq: int) -> dict:
-    """On CUDA: the sequence split over ``world`` ranks vs one process (plain autograd, and the reversible
-    recompute without sequence parallelism: bf16's own noise floor). fp32 parameters; bf16 by autocast."""
+    """On CUDA: the sequence split over ``world`` ranks vs one process. ``want``: one process in float32
+    (plain autograd, the reference); ``base``: one process in ``dtype`` (plain autograd: that dtype's
+    own error); ``got``: the split run in ``dtype``. fp32 parameters; bf16 by autocast."""
     torch.cuda.set_device(0)
     torch.manual_seed(0)
     cfg = TransformerConfig(vocab_size=256, num_layers=2, d_model=128, num_heads=4, num_kv_heads=2,
@@ -193,19 +194,18 @@ def sp_cuda_worker(rank: int, world: int, mode: str, dtype: str, backend: str, s
     model = ReversibleTransformer(cfg).cuda()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 256, (1, seq), generator=g).cuda()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
-    def run(m, policy):
+    def run(m, policy, low_precision):
         m.blocks.set_policy(policy)
-        with autocast:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=low_precision and dtype == "bfloat16"):
             loss = m(ids).loss
         loss.backward()
         return {"loss": loss.detach().cpu(), "grads": {n: v.cpu() for n, v in grads(m).items()}}
 
-    want = run(copy.deepcopy(model), "store")
-    base = run(copy.deepcopy(model), "recompute")
+    want = run(copy.deepcopy(model), "store", low_precision=False)
+    base = run(copy.deepcopy(model), "store", low_precision=True)
     sp = enable_sequence_parallel(model, mode=mode)
-    got = run(model, "recompute")
+    got = run(model, "recompute", low_precision=True)
     average_gradients(model, sp)
     got["grads"] = {n: v.cpu() for n, v in grads(model).items()}
     return {**got, "want": want, "base": base}

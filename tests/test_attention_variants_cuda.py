@@ -58,7 +58,8 @@ def test_flex_forward_and_backward_match_chunked(name, dtype):
 def test_variant_trains_in_bf16_on_cuda_recompute_close_to_store(attention):
     torch.manual_seed(0)
     cfg = TransformerConfig.preset("tiny", attention=attention, attention_window=64, local_window=64,
-                                   compression_ratios=(4, 16), hierarchy_levels=2, rf_num_features=32)
+                                   compression_ratios=(4, 16), hierarchy_levels=2, rf_num_features=32,
+                                   max_seq_len=1024)
     model = ReversibleTransformer(cfg).cuda()
     ids = torch.randint(0, 256, (2, 700), device="cuda")
 

@@ -3,12 +3,14 @@ float32) and the other modes, against one process (skipped without a GPU).
 
 The ranks are processes joined by gloo on one GPU (gloo moves CUDA tensors through host memory: slow,
 exact), so the merge of partial attentions runs with the CUDA kernels' logsumexps; where gloo cannot
-move CUDA tensors the multi-rank tests are skipped with its message. The NCCL runs across GPUs are
+move CUDA tensors (torch 2.11's gloo crashed on them on an H200) the multi-rank tests are skipped with
+what it did, and one NCCL rank still runs every kernel call of the ring. The NCCL runs across GPUs are
 the multi-GPU benchmark's (``python -m revnet_zero.benchmarks.sequence_parallel sweep --grad-check``).
 
-Tolerances (norm-wise relative error per parameter gradient): float32 1e-5 (the CPU runs measure
-4e-7; the CUDA kernels reduce in other orders). bf16: the split run may be at most twice as far from
-plain autograd as the reversible run without splitting is (bf16's own noise floor here), plus 1e-3.
+Tolerances (norm-wise relative error per parameter gradient, against one process in float32): float32
+1e-5 (the CPU runs measure 4e-7; the CUDA kernels reduce in other orders). bf16: the split run may be at
+most twice as far from the float32 reference as one process in bf16 is (plain autograd under the same
+autocast: bf16's own error), plus 1e-3.
 """
 import os
 import sys
@@ -25,7 +27,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(scope="module")
 def gloo_cuda():
-    why = W.run("gloo_cuda_probe", 2)[0]
+    try:
+        why = W.run("gloo_cuda_probe", 2)[0]
+    except AssertionError as e:   # the probe's processes died (seen: a segfault in gloo)
+        why = str(e).splitlines()[0]
     if why:
         pytest.skip(f"gloo cannot run the collectives on CUDA tensors here: {why}")
 
@@ -38,7 +43,7 @@ def test_split_over_two_ranks_equals_one_process(gloo_cuda, mode, dtype, backend
         err, name = worst_rel_err(r["grads"], r["want"]["grads"])
         floor, _ = worst_rel_err(r["base"]["grads"], r["want"]["grads"])
         bound = 1e-5 if dtype == "float32" else 2 * floor + 1e-3
-        print(f"{mode} {dtype} {backend} rank {rank}: grad err {err:.3g} ({name}); one-process reversible "
+        print(f"{mode} {dtype} {backend} rank {rank}: grad err {err:.3g} ({name}); one process in {dtype} "
               f"{floor:.3g}; loss {r['loss'].item():.6f} vs {r['want']['loss'].item():.6f}")
         assert err <= bound, f"rank {rank}: {name} off by {err:.3g} > {bound:.3g}"
         assert abs(r["loss"].item() - r["want"]["loss"].item()) <= (1e-5 if dtype == "float32" else 2e-2)
@@ -50,7 +55,8 @@ def test_ring_on_one_rank_runs_each_cuda_kernel():
         r = W.run("sp_cuda_worker", 1, pg_backend="nccl", mode="ring", dtype=dtype, backend=backend, seq=256)[0]
         err, name = worst_rel_err(r["grads"], r["want"]["grads"])
         floor, _ = worst_rel_err(r["base"]["grads"], r["want"]["grads"])
-        print(f"ring on 1 rank {dtype} {backend}: grad err {err:.3g} ({name}), floor {floor:.3g}")
+        print(f"ring on 1 rank {dtype} {backend}: grad err {err:.3g} ({name}), one process in {dtype} "
+              f"{floor:.3g}")
         assert err <= (1e-5 if dtype == "float32" else 2 * floor + 1e-3), (dtype, backend, name, err)
 
 
