@@ -5,6 +5,8 @@ Tolerances as in tests/test_conversion.py's CUDA test: the GPU's backward sums a
 (atomics), so gradients agree to 1e-5 in fp32 and 1e-2 under bf16 autocast; losses and the rebuilt
 layer inputs are bitwise (the forward runs each layer exactly as the recompute does).
 """
+import copy
+
 import pytest
 import torch
 
@@ -40,8 +42,14 @@ def test_packed_documents_on_cuda(attention):
     """flex_attention gets the document mask as a BlockMask from the positions; SDPA a block-diagonal one."""
     model = build("qwen2", dropout=0.0)
     model.config._attn_implementation = attention
-    converted = convert_to_reversible(model.cuda(), verbose=False)
     docs = [ids(batch=1, length=70, seed=3).cuda(), ids(batch=1, length=58, seed=4).cuda()]
+    try:   # transformers' own path first (seen on an H200, torch 2.11: inductor finds no flex kernel here)
+        with torch.no_grad():
+            copy.deepcopy(model).cuda().eval()(input_ids=docs[0], use_cache=False)
+    except Exception as e:  # noqa: BLE001 - whatever the unconverted model raises
+        pytest.skip(f"the unconverted model fails with attention={attention!r} here: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200]}")
+    converted = convert_to_reversible(model.cuda(), verbose=False)
     packed = torch.cat(docs, 1)
     position_ids = torch.cat([torch.arange(70), torch.arange(58)])[None].cuda()
     weights = torch.randn(1, 128, VOCAB, generator=torch.Generator().manual_seed(5)).cuda()

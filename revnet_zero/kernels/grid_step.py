@@ -20,6 +20,8 @@ Offsets are int64: a 1M-token, 4096-wide tensor has 4.3e9 elements.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -28,6 +30,11 @@ from torch import Tensor
 from ..conversion import grid
 
 GROUPS = 128   # groups of eight elements per program: 1024 elements
+# The update must round as eager PyTorch does: ``(1+γ)·y`` rounded, then ``- 2γ·x`` rounded. The compiler
+# may contract the two into one fused multiply-add (one rounding), which changes float32 results (bf16
+# rounds explicitly in between, which no contraction crosses). The CPU interpreter has no such option
+# (and contracts nothing).
+NO_FMA = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -138,7 +145,8 @@ def _step_op(y: Tensor, x: Tensor, X: Tensor, signs: Tensor, m: int) -> tuple[Te
     nan = torch.zeros(partial.shape, dtype=torch.int8, device=X.device)
     if n:
         _step_kernel[(_programs(n),)](y.contiguous(), x.contiguous(), X, signs.contiguous(), packed, partial, nan,
-                                      n, n // signs.numel(), M=m, BF16=y.dtype == torch.bfloat16, GROUPS=GROUPS)
+                                      n, n // signs.numel(), M=m, BF16=y.dtype == torch.bfloat16, GROUPS=GROUPS,
+                                      **NO_FMA)
     return packed, torch.where(nan.any(), float("nan"), partial.max())   # no host sync
 
 
@@ -154,7 +162,7 @@ def _unstep_op(y: Tensor, x: Tensor, X_next: Tensor, packed: Tensor, signs: Tens
     if n:
         _unstep_kernel[(_programs(n),)](y.contiguous(), x.contiguous(), X_next.contiguous(), signs.contiguous(),
                                         packed, out, n, n // signs.numel(), M=m,
-                                        BF16=y.dtype == torch.bfloat16, GROUPS=GROUPS)
+                                        BF16=y.dtype == torch.bfloat16, GROUPS=GROUPS, **NO_FMA)
     return out
 
 
