@@ -31,9 +31,9 @@ from ..conversion import grid
 
 GROUPS = 128   # groups of eight elements per program: 1024 elements
 # The update must round as eager PyTorch does: ``(1+γ)·y`` rounded, then ``- 2γ·x`` rounded. The compiler
-# may contract the two into one fused multiply-add (one rounding), which changes float32 results (bf16
-# rounds explicitly in between, which no contraction crosses). The CPU interpreter has no such option
-# (and contracts nothing).
+# contracts the two into one fused multiply-add (one rounding): on an H200, float32 then differed from
+# eager (bf16 rounds explicitly in between, which no contraction crosses). The CPU interpreter has no such
+# option (and contracts nothing).
 NO_FMA = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"enable_fp_fusion": False}
 
 
