@@ -12,12 +12,20 @@ import json
 from revnet_zero.research import MemoryEfficientResearch
 
 
+def int_list(text: str) -> list[int]:
+    """``'64,128'`` -> ``[64, 128]``; anything else is a usage error naming the item."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-size", default="tiny", help="preset: tiny, S, M, llama8b")
     p.add_argument("--seq-length", type=int, default=128, help="tokens for the policy and coupling comparisons")
-    p.add_argument("--seq-lengths", default="64,128,256", help="lengths of the scaling study")
-    p.add_argument("--num-layers", default="2,4", help="depths of the scaling study")
+    p.add_argument("--seq-lengths", type=int_list, default="64,128,256", help="lengths of the scaling study")
+    p.add_argument("--num-layers", type=int_list, default="2,4", help="depths of the scaling study")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out-dir", default="memory-study")
     return p.parse_args(argv)
@@ -26,8 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     a = parse_args(argv)
     study = MemoryEfficientResearch(model_size=a.model_size, seq_length=a.seq_length, device=a.device)
-    results = study.run(a.out_dir, seq_lengths=[int(x) for x in a.seq_lengths.split(",")],
-                        num_layers=[int(x) for x in a.num_layers.split(",")])
+    results = study.run(a.out_dir, seq_lengths=a.seq_lengths, num_layers=a.num_layers)
     print(json.dumps({k: results["scaling"][k] for k in ("measure", "bytes_per_token", "bytes_per_layer")}, indent=1))
     return results
 

@@ -2,6 +2,7 @@
 offline. GPU sizes are the same code with other flags."""
 import copy
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,13 @@ def test_pretraining_on_a_folder_without_text_names_the_folder(tmp_path):
     (tmp_path / "data.bin").write_bytes(bytes(range(256)))
     with pytest.raises(ValueError, match="holds no readable text"):
         LongContextPretraining(dataset=str(tmp_path)).run(steps=1)
+
+
+def test_memory_research_script_gives_a_usage_error_for_a_bad_list(capsys):
+    # was: ValueError: invalid literal for int() with base 10: 'abc' (a traceback)
+    import runpy
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "memory_research.py")
+    parse_args = runpy.run_path(script)["parse_args"]
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--seq-lengths", "64,abc"])
+    assert exit_info.value.code == 2 and "expected comma-separated integers, got '64,abc'" in capsys.readouterr().err
