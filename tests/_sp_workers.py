@@ -83,6 +83,27 @@ def sp_fsdp2_worker(rank: int, world: int, mode: str) -> dict:
     return {"loss": loss.detach(), "grads": grads(model), "want": want}
 
 
+def sp_scheduler_worker(rank: int, world: int) -> dict:
+    """A memory scheduler on a ring-split model, each rank given a profile whose timings favour another
+    policy (as measured timings may): the ranks must still run one plan, or a block that recomputes on
+    one rank and not on the other pairs mismatched collectives."""
+    from revnet_zero.memory import MemoryScheduler
+    from revnet_zero.memory.profiler import LayerCost, MemoryProfile
+    model = build()
+    ids, labels = batch()
+    want = reference(model, ids, labels)
+    sp = enable_sequence_parallel(model, mode="ring")
+    fastest = "store" if rank == 0 else "recompute"
+    costs = [{p: LayerCost(1000 if p == "store" else 10, 0, 1.0 if p == fastest else 2.0, 0.0)
+              for p in ("store", "recompute", "store_attention")} for _ in model.blocks.blocks]
+    MemoryScheduler(model, memory_budget=2**34, profile=MemoryProfile(tuple(ids.shape), "cpu", 0, 0, costs))
+    loss = model(ids, labels=labels).loss
+    loss.backward()
+    average_gradients(model, sp)
+    return {"loss": loss.detach(), "grads": grads(model), "want": want,
+            "policies": [b.policy for b in model.blocks.blocks]}
+
+
 def sp_eval_worker(rank: int, world: int, mode: str = "all_to_all") -> dict:
     """Eval forward under no_grad with the sequence split: the same loss as one process."""
     model = build().eval()

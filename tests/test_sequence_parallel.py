@@ -73,6 +73,14 @@ def test_memory_policies_compose(mode, policy):
                                  f"{mode}, {policy}")
 
 
+def test_scheduler_plans_one_policy_list_for_the_ranks_of_a_sequence():
+    """Per-rank profiles that favour different policies (rank 0: store, rank 1: recompute): every rank
+    takes the group's first rank's plan, so the collectives pair up and gradients equal one process."""
+    results = W.run("sp_scheduler_worker", 2)
+    assert results[0]["policies"] == results[1]["policies"] == ["store"] * 3, [r["policies"] for r in results]
+    _assert_equal_to_one_process(results, "ring + MemoryScheduler")
+
+
 @pytest.mark.parametrize("mode", ["all_to_all", "all_gather", "ring"])
 def test_fsdp2_per_block_composes(mode):
     _assert_equal_to_one_process(W.run("sp_fsdp2_worker", 2, mode=mode), f"FSDP2 + {mode}")
