@@ -155,3 +155,31 @@ def test_launcher_smoke_on_cpu(tmp_path):
     checks = [r for r in rows if r["kind"] == "grad_check"]
     assert len(checks) == 3 and all(r["grad_rel_err"] < 1e-5 for r in checks), checks
     assert "weak-scaling" in next(tmp_path.glob("sequence_parallel_*.md")).read_text()
+
+
+@pytest.mark.parametrize("args,quoted", [
+    (["--modes", "ring,bogus"], "'ring,bogus'"),
+    (["--modes", "ring", "--lengths", "15,16"], "'15,16'"),   # 15 x 2 tokens do not cut into 4 chunks
+    (["--modes", "ring", "--grad-check", "--grad-check-len", "30"], "--grad-check-len 30"),
+    (["--repeats", "0"], "got 0"),
+    (["--policy", "stor"], "'stor'"),
+])
+def test_launcher_refuses_a_sweep_that_cannot_run_before_launching(tmp_path, args, quoted):
+    """Every run of such a sweep would fail the same way (or, for one odd length, lose the lengths
+    after it): a ValueError quoting the value comes before any torchrun starts."""
+    from revnet_zero.benchmarks import sequence_parallel as bench
+    with pytest.raises(ValueError, match=__import__("re").escape(quoted)):
+        bench.main(["sweep", "--gpus", "1,2", "--model", "tiny", "--lengths", "16", "--repeats", "1",
+                    "--out-dir", str(tmp_path), "--timeout-s", "120", *args])
+    assert not list(tmp_path.iterdir()), "nothing is launched or written"
+
+
+def test_launcher_timeout_is_a_row_not_the_end_of_the_sweep(tmp_path):
+    """A run past --timeout-s (a hung collective) is killed with its workers and reported; the sweep
+    goes on and writes its files (it used to raise subprocess.TimeoutExpired and lose every row)."""
+    from revnet_zero.benchmarks import sequence_parallel as bench
+    bench.main(["sweep", "--gpus", "1", "--model", "tiny", "--lengths", "8k", "--repeats", "1",
+                "--out-dir", str(tmp_path), "--timeout-s", "1"])
+    rows = __import__("json").loads(next(tmp_path.glob("sequence_parallel_*.json")).read_text())
+    assert rows == [{"kind": "error", "gpus": 1, "mode": "single", "exit_code": None, "timed_out_s": 1}], rows
+    assert "ran past --timeout-s 1 and was killed" in next(tmp_path.glob("sequence_parallel_*.md")).read_text()
