@@ -134,11 +134,12 @@ def sp_refusals_worker(rank: int, world: int) -> dict:
         "different ids": lambda: model.train()(torch.full((1, SEQ), rank, dtype=torch.long)),
         "different labels": lambda: model(batch()[0], labels=batch()[1].roll(rank, dims=1)),
         "different lengths": lambda: model(batch()[0][:, :SEQ - 2 * rank]),
+        "pickle": lambda: __import__("pickle").dumps(build_ring()),
     }.items():
         try:
             fn()
-        except ValueError as e:
-            messages[name] = str(e)
+        except (ValueError, TypeError) as e:
+            messages[name] = f"{type(e).__name__}: {e}"
     return messages
 
 

@@ -62,6 +62,15 @@ class SequenceParallel:
     def __deepcopy__(self, memo):  # a process group is a handle: copies of a model share it
         return self
 
+    def __copy__(self):
+        return self
+
+    def __reduce_ex__(self, protocol):
+        # a process group lives in this process only; torch's own error names neither the model nor a way out
+        raise TypeError(f"{self!r} holds a process group, which cannot be pickled (pickle.dumps / torch.save "
+                        "of a model with sequence parallelism enabled): save model.state_dict(), or call "
+                        "revnet_zero.distributed.disable_sequence_parallel(model) first")
+
     def __repr__(self) -> str:
         return f"SequenceParallel(mode={self.mode!r}, size={self.size}, rank={self.rank})"
 
