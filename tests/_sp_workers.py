@@ -66,6 +66,20 @@ def sp_worker(rank: int, world: int, mode: str, num_kv_heads: int, policy: str, 
     return {"loss": loss.detach(), "grads": grads(model), "want": want}
 
 
+def sp_group_of_one_worker(rank: int, world: int, seq: int) -> dict:
+    """The ring on a group of one rank (each rank its own ``new_group``): the whole sequence of any
+    length, as one process."""
+    import torch.distributed as dist
+    groups = [dist.new_group([r]) for r in range(world)]
+    model = build()
+    ids, labels = (t[:, :seq] for t in batch())
+    want = reference(model, ids, labels)
+    enable_sequence_parallel(model, group=groups[rank], mode="ring")
+    loss = model(ids, labels=labels).loss
+    loss.backward()
+    return {"loss": loss.detach(), "grads": grads(model), "want": want}
+
+
 def sp_fsdp2_worker(rank: int, world: int, mode: str) -> dict:
     """Sequence parallel inside FSDP2 (``fully_shard`` per block, then the root) vs one process."""
     from torch.distributed.device_mesh import init_device_mesh

@@ -23,6 +23,7 @@ import _trainer_workers as T  # noqa: E402
 from helpers import worst_rel_err  # noqa: E402
 
 RTOL = 1e-6
+SEQ_ODD = W.SEQ - 1
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                                    reason="torch.distributed with gloo is not in this build")]
 
@@ -51,6 +52,12 @@ def test_bidirectional_encoder_equals_one_process(mode):
     """ReversibleBERT (no causal mask): all-to-all and the ring without load balancing (contiguous shards)."""
     results = W.run("sp_worker", 2, mode=mode, num_kv_heads=2, policy="recompute", bert=True)
     _assert_equal_to_one_process(results, f"BERT, {mode}")
+
+
+def test_ring_on_a_group_of_one_rank_takes_any_length():
+    """One rank holds the whole sequence in order: no head-tail chunks, so an odd length (23) runs
+    (it was refused as 'not divisible by 2')."""
+    _assert_equal_to_one_process(W.run("sp_group_of_one_worker", 2, seq=SEQ_ODD), "ring over a group of one")
 
 
 def test_ring_in_float64_equals_one_process_to_float64_precision():

@@ -55,9 +55,10 @@ class SequenceParallel:
             ring_api()   # this torch has the ring functions, or a ValueError now rather than mid-step
         self.group = group if group is not None else dist.group.WORLD
         self.mode = mode
-        self.load_balance = mode == "ring" and causal   # head-tail chunks: even causal work per rank
         self.size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
+        # head-tail chunks: even causal work per rank (one rank holds the whole sequence, in order)
+        self.load_balance = mode == "ring" and causal and self.size > 1
 
     def __deepcopy__(self, memo):  # a process group is a handle: copies of a model share it
         return self
