@@ -195,11 +195,12 @@ def run(worker: str, world: int, **kwargs) -> list:
     return _spawn.run_workers(__name__, worker, world, **kwargs)
 
 
-def trainer_refusal_worker(rank: int, world: int) -> str:
+def trainer_refusal_worker(rank: int, world: int, sequence_parallel: int = 3, **options) -> str:
     import _trainer_workers as T
     from revnet_zero.training import DistributedReversibleTrainer
     try:
-        DistributedReversibleTrainer(T.build_model(), sharding_strategy="ddp", sequence_parallel=3, **T.TRAIN)
+        DistributedReversibleTrainer(T.build_model(), sharding_strategy="ddp", sequence_parallel=sequence_parallel,
+                                     **options, **T.TRAIN)
     except ValueError as e:
         return str(e)
     return "no error"

@@ -150,6 +150,13 @@ def test_trainer_refuses_a_group_size_that_does_not_divide_the_world():
     assert "dividing the world size 2, got 3" in msg
 
 
+def test_trainer_refuses_an_unknown_mode_even_without_splitting():
+    """sequence_parallel=1 splits nothing, but a misspelt mode is still an error (it was ignored until
+    the first run with sequence_parallel > 1)."""
+    msg = W.run("trainer_refusal_worker", 2, sequence_parallel=1, sequence_parallel_mode="rnig")[0]
+    assert "sequence_parallel_mode must be one of" in msg and "'rnig'" in msg, msg
+
+
 def test_launcher_smoke_on_cpu(tmp_path):
     """The GPU sweep's own code path at tiny sizes: torchrun with 1 and 2 CPU processes (gloo), every
     mode (all-to-all, all-gather, ring), the 1-vs-2 gradient check, and the weak-scaling table."""
