@@ -80,6 +80,21 @@ def sp_group_of_one_worker(rank: int, world: int, seq: int) -> dict:
     return {"loss": loss.detach(), "grads": grads(model), "want": want}
 
 
+def sp_no_targets_worker(rank: int, world: int, mode: str) -> dict:
+    """A batch whose labels are all ignored (-100): split and whole, the loss and the gradients."""
+    model = build()
+    ids, labels = batch()
+    labels[:] = -100
+    ref = copy.deepcopy(model)
+    want = ref(ids, labels=labels).loss
+    want.backward()
+    sp = enable_sequence_parallel(model, mode=mode)
+    loss = model(ids, labels=labels).loss
+    loss.backward()
+    average_gradients(model, sp)
+    return {"loss": loss.detach(), "grads": grads(model), "want": {"loss": want.detach(), "grads": grads(ref)}}
+
+
 def sp_fsdp2_worker(rank: int, world: int, mode: str) -> dict:
     """Sequence parallel inside FSDP2 (``fully_shard`` per block, then the root) vs one process."""
     from torch.distributed.device_mesh import init_device_mesh

@@ -54,6 +54,16 @@ def test_bidirectional_encoder_equals_one_process(mode):
     _assert_equal_to_one_process(results, f"BERT, {mode}")
 
 
+@pytest.mark.parametrize("mode", ["all_to_all", "ring"])
+def test_a_batch_without_targets_gives_zero_gradients_as_one_process(mode):
+    """Every label -100 (a micro-batch of prompt only): one process returns a NaN loss and zero
+    gradients; the split model must not turn its 0 / 0 loss scale into NaN gradients."""
+    for rank, r in enumerate(W.run("sp_no_targets_worker", 2, mode=mode)):
+        assert r["loss"].isnan() and r["want"]["loss"].isnan(), (rank, r["loss"], r["want"]["loss"])
+        for name, g in r["grads"].items():
+            assert torch.equal(g, r["want"]["grads"][name]), f"rank {rank}: {name} {g.abs().max()}"
+
+
 def test_ring_on_a_group_of_one_rank_takes_any_length():
     """One rank holds the whole sequence in order: no head-tail chunks, so an odd length (23) runs
     (it was refused as 'not divisible by 2')."""
