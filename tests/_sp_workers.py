@@ -95,6 +95,18 @@ def sp_no_targets_worker(rank: int, world: int, mode: str) -> dict:
     return {"loss": loss.detach(), "grads": grads(model), "want": {"loss": want.detach(), "grads": grads(ref)}}
 
 
+def sp_enable_after_ddp_worker(rank: int, world: int, mode: str) -> dict:
+    """``enable_sequence_parallel`` called on the DDP wrapper instead of the model inside it."""
+    model = build()
+    ids, labels = batch()
+    want = reference(model, ids, labels)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    enable_sequence_parallel(ddp, mode=mode)
+    loss = ddp(ids, labels=labels).loss
+    loss.backward()
+    return {"loss": loss.detach(), "grads": grads(model), "want": want}
+
+
 def sp_fsdp2_worker(rank: int, world: int, mode: str) -> dict:
     """Sequence parallel inside FSDP2 (``fully_shard`` per block, then the root) vs one process."""
     from torch.distributed.device_mesh import init_device_mesh

@@ -64,6 +64,13 @@ def test_a_batch_without_targets_gives_zero_gradients_as_one_process(mode):
             assert torch.equal(g, r["want"]["grads"][name]), f"rank {rank}: {name} {g.abs().max()}"
 
 
+@pytest.mark.parametrize("mode", ["all_to_all", "ring"])
+def test_enabling_on_a_ddp_wrapper_splits_the_model_inside(mode):
+    """The model inside the wrapper shards its inputs too (it used to keep the whole sequence on every
+    rank while attention took it for a shard: gradients 40 % off, silently)."""
+    _assert_equal_to_one_process(W.run("sp_enable_after_ddp_worker", 2, mode=mode), f"DDP, then {mode}")
+
+
 def test_ring_on_a_group_of_one_rank_takes_any_length():
     """One rank holds the whole sequence in order: no head-tail chunks, so an odd length (23) runs
     (it was refused as 'not divisible by 2')."""

@@ -165,7 +165,11 @@ def enable_sequence_parallel(model: torch.nn.Module, group: dist.ProcessGroup | 
                              "(attention='" + str(getattr(config, "attention", "?")) + "') is not supported "
                              "yet: use attention='softmax'")
         sp.check_heads(m.num_heads)
-        m.sequence_parallel = sp
+    # every module that shards by it: the attention modules and the model that cuts its inputs, also
+    # when ``model`` is a wrapper around it (DDP), which would otherwise feed each rank the whole sequence
+    for m in model.modules():
+        if hasattr(m, "sequence_parallel"):
+            m.sequence_parallel = sp
     model.sequence_parallel = sp
     return sp
 
