@@ -197,6 +197,7 @@ def test_launcher_smoke_on_cpu(tmp_path):
     (["--modes", "ring", "--grad-check", "--grad-check-len", "30"], "--grad-check-len 30"),
     (["--repeats", "0"], "got 0"),
     (["--policy", "stor"], "'stor'"),
+    (["--gpus", "0,2"], "'0,2'"),
 ])
 def test_launcher_refuses_a_sweep_that_cannot_run_before_launching(tmp_path, args, quoted):
     """Every run of such a sweep would fail the same way (or, for one odd length, lose the lengths

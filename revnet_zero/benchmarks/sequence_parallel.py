@@ -191,6 +191,8 @@ def _check_sweep(args) -> None:
     if "ring" in modes and any(n % 2 for n in lengths):
         raise ValueError(f"mode 'ring' needs even tokens per GPU (two chunks per rank), got --lengths {args.lengths!r}")
     gpus = [int(x) for x in args.gpus.split(",")]
+    if any(n < 1 for n in gpus):
+        raise ValueError(f"--gpus takes positive GPU counts, got {args.gpus!r}")
     for n in gpus:
         parts = 2 * n if "ring" in modes else n
         if args.grad_check and n > 1 and args.grad_check_len % parts:
