@@ -66,6 +66,47 @@ def sp_worker(rank: int, world: int, mode: str, num_kv_heads: int, policy: str, 
     return {"loss": loss.detach(), "grads": grads(model), "want": want}
 
 
+def sp_group_of_one_worker(rank: int, world: int, seq: int) -> dict:
+    """The ring on a group of one rank (each rank its own ``new_group``): the whole sequence of any
+    length, as one process."""
+    import torch.distributed as dist
+    groups = [dist.new_group([r]) for r in range(world)]
+    model = build()
+    ids, labels = (t[:, :seq] for t in batch())
+    want = reference(model, ids, labels)
+    enable_sequence_parallel(model, group=groups[rank], mode="ring")
+    loss = model(ids, labels=labels).loss
+    loss.backward()
+    return {"loss": loss.detach(), "grads": grads(model), "want": want}
+
+
+def sp_no_targets_worker(rank: int, world: int, mode: str) -> dict:
+    """A batch whose labels are all ignored (-100): split and whole, the loss and the gradients."""
+    model = build()
+    ids, labels = batch()
+    labels[:] = -100
+    ref = copy.deepcopy(model)
+    want = ref(ids, labels=labels).loss
+    want.backward()
+    sp = enable_sequence_parallel(model, mode=mode)
+    loss = model(ids, labels=labels).loss
+    loss.backward()
+    average_gradients(model, sp)
+    return {"loss": loss.detach(), "grads": grads(model), "want": {"loss": want.detach(), "grads": grads(ref)}}
+
+
+def sp_enable_after_ddp_worker(rank: int, world: int, mode: str) -> dict:
+    """``enable_sequence_parallel`` called on the DDP wrapper instead of the model inside it."""
+    model = build()
+    ids, labels = batch()
+    want = reference(model, ids, labels)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    enable_sequence_parallel(ddp, mode=mode)
+    loss = ddp(ids, labels=labels).loss
+    loss.backward()
+    return {"loss": loss.detach(), "grads": grads(model), "want": want}
+
+
 def sp_fsdp2_worker(rank: int, world: int, mode: str) -> dict:
     """Sequence parallel inside FSDP2 (``fully_shard`` per block, then the root) vs one process."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -81,6 +122,27 @@ def sp_fsdp2_worker(rank: int, world: int, mode: str) -> dict:
     loss = model(ids, labels=labels).loss
     loss.backward()
     return {"loss": loss.detach(), "grads": grads(model), "want": want}
+
+
+def sp_scheduler_worker(rank: int, world: int) -> dict:
+    """A memory scheduler on a ring-split model, each rank given a profile whose timings favour another
+    policy (as measured timings may): the ranks must still run one plan, or a block that recomputes on
+    one rank and not on the other pairs mismatched collectives."""
+    from revnet_zero.memory import MemoryScheduler
+    from revnet_zero.memory.profiler import LayerCost, MemoryProfile
+    model = build()
+    ids, labels = batch()
+    want = reference(model, ids, labels)
+    sp = enable_sequence_parallel(model, mode="ring")
+    fastest = "store" if rank == 0 else "recompute"
+    costs = [{p: LayerCost(1000 if p == "store" else 10, 0, 1.0 if p == fastest else 2.0, 0.0)
+              for p in ("store", "recompute", "store_attention")} for _ in model.blocks.blocks]
+    MemoryScheduler(model, memory_budget=2**34, profile=MemoryProfile(tuple(ids.shape), "cpu", 0, 0, costs))
+    loss = model(ids, labels=labels).loss
+    loss.backward()
+    average_gradients(model, sp)
+    return {"loss": loss.detach(), "grads": grads(model), "want": want,
+            "policies": [b.policy for b in model.blocks.blocks]}
 
 
 def sp_eval_worker(rank: int, world: int, mode: str = "all_to_all") -> dict:
@@ -113,11 +175,12 @@ def sp_refusals_worker(rank: int, world: int) -> dict:
         "different ids": lambda: model.train()(torch.full((1, SEQ), rank, dtype=torch.long)),
         "different labels": lambda: model(batch()[0], labels=batch()[1].roll(rank, dims=1)),
         "different lengths": lambda: model(batch()[0][:, :SEQ - 2 * rank]),
+        "pickle": lambda: __import__("pickle").dumps(build_ring()),
     }.items():
         try:
             fn()
-        except ValueError as e:
-            messages[name] = str(e)
+        except (ValueError, TypeError) as e:
+            messages[name] = f"{type(e).__name__}: {e}"
     return messages
 
 
@@ -159,11 +222,12 @@ def run(worker: str, world: int, **kwargs) -> list:
     return _spawn.run_workers(__name__, worker, world, **kwargs)
 
 
-def trainer_refusal_worker(rank: int, world: int) -> str:
+def trainer_refusal_worker(rank: int, world: int, sequence_parallel: int = 3, **options) -> str:
     import _trainer_workers as T
     from revnet_zero.training import DistributedReversibleTrainer
     try:
-        DistributedReversibleTrainer(T.build_model(), sharding_strategy="ddp", sequence_parallel=3, **T.TRAIN)
+        DistributedReversibleTrainer(T.build_model(), sharding_strategy="ddp", sequence_parallel=sequence_parallel,
+                                     **options, **T.TRAIN)
     except ValueError as e:
         return str(e)
     return "no error"

@@ -9,6 +9,7 @@ import datetime
 import importlib
 import os
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -38,6 +39,13 @@ def _entry(rank: int, world: int, port: int, module: str, worker: str, kwargs: d
         finally:
             dist.destroy_process_group()
         torch.save(result, os.path.join(outdir, f"{rank}.pt"))
+        # Result saved, process group destroyed: leave without the interpreter's teardown, where torch's
+        # static destructors now and then abort the process (SIGABRT, "terminate called without an
+        # active exception"; measured 2 to 3 runs in 30 of a 2-rank gloo worker, the same before the ring
+        # existed) and fail a test whose every rank had already finished and saved.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     except BaseException:
         with open(os.path.join(outdir, f"{rank}.err"), "w") as fh:
             fh.write(traceback.format_exc())

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -172,8 +173,49 @@ def run(args) -> None:
         dist.destroy_process_group()
 
 
+def _check_sweep(args) -> None:
+    """ValueError, before any GPU time is spent, for a sweep whose runs would all fail the same way."""
+    from ..distributed.sequence_parallel import MODES
+    from ..engine import POLICIES
+    modes = args.modes.split(",")
+    if any(m not in MODES for m in modes):
+        raise ValueError(f"--modes takes a comma-separated subset of {MODES}, got {args.modes!r}")
+    if args.policy not in POLICIES:
+        raise ValueError(f"--policy must be one of {POLICIES}, got {args.policy!r}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
+    lengths = _parse_lengths(args.lengths)
+    if any(n < 1 for n in lengths):
+        raise ValueError(f"--lengths must be positive token counts per GPU, got {args.lengths!r}")
+    # the ring cuts a causal sequence of per_gpu * N tokens into 2N chunks: per_gpu must be even
+    if "ring" in modes and any(n % 2 for n in lengths):
+        raise ValueError(f"mode 'ring' needs even tokens per GPU (two chunks per rank), got --lengths {args.lengths!r}")
+    gpus = [int(x) for x in args.gpus.split(",")]
+    if any(n < 1 for n in gpus):
+        raise ValueError(f"--gpus takes positive GPU counts, got {args.gpus!r}")
+    for n in gpus:
+        parts = 2 * n if "ring" in modes else n
+        if args.grad_check and n > 1 and args.grad_check_len % parts:
+            raise ValueError(f"--grad-check-len {args.grad_check_len} must be divisible by {parts} "
+                             f"({n} GPUs{', ring: two chunks per rank' if 'ring' in modes else ''})")
+
+
+def _launch(cmd: list[str], timeout_s: int) -> int | None:
+    """Run ``cmd`` (torchrun) in its own session; its exit code, or None when it ran past ``timeout_s``:
+    then torchrun and its workers are killed together (a hung collective must not hold the GPUs, nor
+    end the sweep and lose the rows already measured)."""
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
+
+
 def sweep(args) -> None:
     """torchrun for each GPU count; weak-scaling efficiency against the 1-GPU row at equal tokens/GPU."""
+    _check_sweep(args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in [int(x) for x in args.gpus.split(",")]:
@@ -189,11 +231,12 @@ def sweep(args) -> None:
                     cmd += ["--grad-check", "--grad-check-len", str(args.grad_check_len)]
                 cmd += ["--memory-cap-gib", str(args.memory_cap_gib)] if args.memory_cap_gib else []
                 cmd += ["--commit", args.commit] if args.commit else []
-                done = subprocess.run(cmd, timeout=args.timeout_s)
+                code = _launch(cmd, args.timeout_s)
                 if out.exists():
                     rows += json.loads(out.read_text())
                 else:
-                    rows.append({"kind": "error", "gpus": n, "mode": mode, "exit_code": done.returncode})
+                    rows.append({"kind": "error", "gpus": n, "mode": mode, "exit_code": code,
+                                 "timed_out_s": args.timeout_s if code is None else None})
     _efficiency(rows)
     _write(rows, args)
 
@@ -229,7 +272,9 @@ def _write(rows: list[dict], args) -> None:
             lines.append(f"\nGradient check, {r['gpus']} GPUs, {r['mode']}, {r['grad_check_len']} tokens (fp32): "
                          f"worst relative error {r['grad_rel_err']:.3g} ({r['worst_param']})")
         if r.get("kind") == "error":
-            lines.append(f"\n{r['gpus']} GPUs, {r['mode']}: torchrun exited {r['exit_code']} with no rows")
+            why = (f"ran past --timeout-s {r['timed_out_s']} and was killed" if r.get("timed_out_s")
+                   else f"exited {r['exit_code']}")
+            lines.append(f"\n{r['gpus']} GPUs, {r['mode']}: torchrun {why} with no rows")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -55,12 +55,22 @@ class SequenceParallel:
             ring_api()   # this torch has the ring functions, or a ValueError now rather than mid-step
         self.group = group if group is not None else dist.group.WORLD
         self.mode = mode
-        self.load_balance = mode == "ring" and causal   # head-tail chunks: even causal work per rank
         self.size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
+        # head-tail chunks: even causal work per rank (one rank holds the whole sequence, in order)
+        self.load_balance = mode == "ring" and causal and self.size > 1
 
     def __deepcopy__(self, memo):  # a process group is a handle: copies of a model share it
         return self
+
+    def __copy__(self):
+        return self
+
+    def __reduce_ex__(self, protocol):
+        # a process group lives in this process only; torch's own error names neither the model nor a way out
+        raise TypeError(f"{self!r} holds a process group, which cannot be pickled (pickle.dumps / torch.save "
+                        "of a model with sequence parallelism enabled): save model.state_dict(), or call "
+                        "revnet_zero.distributed.disable_sequence_parallel(model) first")
 
     def __repr__(self) -> str:
         return f"SequenceParallel(mode={self.mode!r}, size={self.size}, rank={self.rank})"
@@ -155,7 +165,11 @@ def enable_sequence_parallel(model: torch.nn.Module, group: dist.ProcessGroup | 
                              "(attention='" + str(getattr(config, "attention", "?")) + "') is not supported "
                              "yet: use attention='softmax'")
         sp.check_heads(m.num_heads)
-        m.sequence_parallel = sp
+    # every module that shards by it: the attention modules and the model that cuts its inputs, also
+    # when ``model`` is a wrapper around it (DDP), which would otherwise feed each rank the whole sequence
+    for m in model.modules():
+        if hasattr(m, "sequence_parallel"):
+            m.sequence_parallel = sp
     model.sequence_parallel = sp
     return sp
 

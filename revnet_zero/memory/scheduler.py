@@ -137,6 +137,30 @@ def device_budget(device: torch.device | str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def _sequence_group(model: nn.Module | None):
+    """The process group ``model``'s sequence is split over (``enable_sequence_parallel``), or None."""
+    if model is None:
+        return None
+    sp = next((m.sequence_parallel for m in model.modules()
+               if getattr(m, "sequence_parallel", None) is not None), None)
+    return sp.group if sp is not None and sp.size > 1 else None
+
+
+def _gathered(value, group) -> list:
+    """``value`` from every rank of ``group`` (``[value]`` without one)."""
+    if group is None:
+        return [value]
+    import torch.distributed as dist
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, value, group=group)
+    return out
+
+
+def _from_first(value, group):
+    """The group's first rank's ``value`` on every rank (``value`` itself without a group)."""
+    return value if group is None else _gathered(value, group)[0]
+
+
 def _sequence(model: nn.Module) -> ReversibleSequence:
     seqs = [m for m in model.modules() if isinstance(m, ReversibleSequence)]
     if len(seqs) != 1:
@@ -190,13 +214,20 @@ class MemoryScheduler:
         return full if self.strategy == "adaptive" else (least.predicted_peak + full) // 2
 
     def _plan_for(self, profile: MemoryProfile, profiler: MemoryProfiler | None = None, batch=None) -> Plan:
+        # Ranks that split one sequence (sequence parallelism) must run the same policies: a block that
+        # recomputes repeats its attention collectives, so different plans would pair mismatched
+        # collectives (a hang or wrong data). Timings and free memory differ per rank, so every rank
+        # plans from the group's first rank's profile, the smallest budget and the largest measured peak.
+        group = _sequence_group(self.model)
+        profile = _from_first(profile, group)
         self.profile = profile
+        budget = min(_gathered(self._budget(profile), group))
         if profiler is not None and profile.device.startswith("cuda"):
-            self.plan = verified_plan(profile, self._budget(profile),
-                                      lambda policies: profiler.measure_peak(batch, policies),
+            self.plan = verified_plan(profile, budget,
+                                      lambda policies: max(_gathered(profiler.measure_peak(batch, policies), group)),
                                       self.allowed, self._fixed())
         else:
-            self.plan = plan(profile, self._budget(profile), self.allowed, self._fixed())
+            self.plan = plan(profile, budget, self.allowed, self._fixed())
         self._apply(self.plan.policies)
         return self.plan
 

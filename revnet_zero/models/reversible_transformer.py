@@ -123,7 +123,8 @@ class ReversibleLM(nn.Module, abc.ABC):
             return fused_linear_cross_entropy(hidden, self.head.weight, targets, chunk, IGNORE_INDEX)
         local = fused_linear_cross_entropy(hidden, self.head.weight, targets, chunk, IGNORE_INDEX, "sum")
         count = sp.all_reduce_sum((targets != IGNORE_INDEX).sum()).to(local.dtype)
-        scaled = local * (sp.size / count)
+        # no target in the whole batch: a NaN loss but zero gradients, as one process (0 / 0 would be NaN)
+        scaled = local * (sp.size / count.clamp_min(1))
         return scaled + (sp.all_reduce_sum(local) / count - scaled).detach()
 
     def set_scheduler(self, scheduler) -> None:

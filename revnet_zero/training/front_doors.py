@@ -147,6 +147,9 @@ class DistributedReversibleTrainer(Trainer):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1 or self.world_size % n:
             raise ValueError(f"sequence_parallel must be a positive int dividing the world size "
                              f"{self.world_size}, got {n!r}")
+        from ..distributed.sequence_parallel import MODES
+        if mode not in MODES:   # checked with sequence_parallel=1 too: a typo must not wait for a bigger run
+            raise ValueError(f"sequence_parallel_mode must be one of {MODES}, got {mode!r}")
         if n == 1:
             return None
         from ..distributed import enable_sequence_parallel
