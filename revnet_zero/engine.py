@@ -447,7 +447,9 @@ class ReversibleSequence(nn.Module):
     Takes ``x1`` (and ``x2``; when left out, ``x2 = x1``), both ``[B, S, D]``, and returns the two
     output streams. The streams are held in ``stream_dtype`` (float32 by default, even under bf16
     autocast: the sub-functions compute in bf16 while the residual sums and their inversion stay
-    accurate); ``None`` keeps the input dtype.
+    accurate); ``None`` keeps the input dtype. float64 inputs always keep float64 streams: a float64 run is
+    for exactness, and narrowing its streams would silently give float32 gradients (or, with float64
+    parameters, a dtype error).
 
     ``check_drift``: a bound on the relative error of the inputs the backward rebuilds (None: off).
     When set, each training forward keeps a sample of the true inputs of each run of recomputing
@@ -494,7 +496,7 @@ class ReversibleSequence(nn.Module):
         if x2 is None:
             x2 = x1
         _check_streams(x1, x2, type(self).__name__)
-        if self.stream_dtype is not None:
+        if self.stream_dtype is not None and torch.float64 not in (x1.dtype, x2.dtype):
             x1, x2 = x1.to(self.stream_dtype), x2.to(self.stream_dtype)
         tape, n = StreamTape(), len(self.blocks)
         if self.check_drift is not None and torch.is_grad_enabled():

@@ -58,3 +58,42 @@ def test_whole_model_gradient_matches_central_differences(cls, causal, variant):
                 worst = max(worst, abs(numeric - p.grad.view(-1)[i].item()) / scale)
     print(f"{cls.__name__}: worst central-difference error {worst:.1e} of the largest gradient entry")
     assert worst <= 1e-8
+
+
+def test_float64_inputs_keep_float64_streams_under_the_default_stream_dtype():
+    # The default stream_dtype is float32. It used to narrow float64 streams: a float64 ReversibleSequence
+    # raised "mixed dtype (CPU): expect parameter to have scalar type of Float", and a float64 model trained
+    # with float32 streams (gradients 1.5e-7 off, silently). float64 in, float64 streams.
+    import copy
+    import sys
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from helpers import coupling, worst_rel_err
+
+    from revnet_zero import ReversibleSequence
+    torch.manual_seed(0)
+    stack = ReversibleSequence([coupling("affine", 8) for _ in range(3)]).double()
+    assert stack.stream_dtype == torch.float32
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    ref = copy.deepcopy(stack)
+    for b in ref.blocks:
+        b.policy = "store"
+    grads = []
+    for s in (stack, ref):
+        y1, y2 = s(x)
+        assert y1.dtype == y2.dtype == torch.float64
+        ((y1 * 1.3).sum() + (y2 ** 2).sum()).backward()
+        grads.append({n: p.grad for n, p in s.named_parameters()})
+    err, name = worst_rel_err(grads[0], grads[1])
+    assert err <= 1e-12, f"{name}: {err:.3g}"
+
+    model = tiny64(ReversibleGPT, True)
+    narrow = copy.deepcopy(model)
+    narrow.config.stream_dtype = torch.float32
+    narrow.blocks.stream_dtype = torch.float32          # what the default config used to build
+    ids = torch.randint(0, 23, (2, 7), generator=torch.Generator().manual_seed(1))
+    got = []
+    for m in (model, narrow):
+        m(ids).loss.backward()
+        got.append({n: p.grad for n, p in m.named_parameters()})
+    err, name = worst_rel_err(got[1], got[0])
+    assert err <= 1e-12, f"{name}: {err:.3g}"
