@@ -175,6 +175,15 @@ def test_moe_load_balancing_loss_gradient_reaches_every_layer(family):
                            converted.eval()(input_ids=x, labels=x).aux_loss)
 
 
+def packed_grads(converted, batches) -> dict:
+    """Gradients of ``sum(logits * w)`` over ``batches`` of ``((input_ids, position_ids), w)``."""
+    converted.zero_grad(set_to_none=True)
+    for (x, pos), w in batches:
+        torch.manual_seed(6)
+        (converted(input_ids=x, position_ids=pos, use_cache=False).logits * w).sum().backward()
+    return {n: p.grad.clone() for n, p in converted.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma2", "qwen3_moe"])
 def test_packed_documents_do_not_see_each_other(family):
     """Two documents in one row, ``position_ids`` restarting at the second and no attention mask (what
@@ -200,15 +209,8 @@ def test_packed_documents_do_not_see_each_other(family):
     for p in converted.parameters():
         p.requires_grad_(True)
 
-    def grads(batches):
-        converted.zero_grad(set_to_none=True)
-        for (x, pos), w in batches:
-            torch.manual_seed(6)
-            (converted(input_ids=x, position_ids=pos, use_cache=False).logits * w).sum().backward()
-        return {n: p.grad.clone() for n, p in converted.named_parameters() if p.grad is not None}
-
-    g_packed = grads([((packed, position_ids), weights)])
-    g_alone = grads([((docs[0], None), weights[:, :7]), ((docs[1], None), weights[:, 7:])])
+    g_packed = packed_grads(converted, [((packed, position_ids), weights)])
+    g_alone = packed_grads(converted, [((docs[0], None), weights[:, :7]), ((docs[1], None), weights[:, 7:])])
     assert g_packed.keys() == g_alone.keys()
     worst = max(rel_err(g_packed[n], g_alone[n]) for n in g_alone)
     assert worst <= 1e-5, worst

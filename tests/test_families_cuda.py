@@ -13,7 +13,7 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 pytest.importorskip("transformers")
 
-from test_families import NEW, VOCAB, build, ids, rel_err, train_step  # noqa: E402
+from test_families import NEW, VOCAB, build, ids, packed_grads, rel_err, train_step  # noqa: E402
 
 from revnet_zero.conversion import bdia_reference, convert_to_reversible  # noqa: E402
 from revnet_zero.conversion.bdia import BDIALayer  # noqa: E402
@@ -59,13 +59,6 @@ def test_packed_documents_on_cuda(attention):
     assert torch.allclose(together, alone, atol=1e-5)
     converted.train()
 
-    def grads(batches):
-        converted.zero_grad(set_to_none=True)
-        for (x, pos), w in batches:
-            torch.manual_seed(6)
-            (converted(input_ids=x, position_ids=pos, use_cache=False).logits * w).sum().backward()
-        return {n: p.grad.clone() for n, p in converted.named_parameters() if p.grad is not None}
-
-    g_packed = grads([((packed, position_ids), weights)])
-    g_alone = grads([((docs[0], None), weights[:, :70]), ((docs[1], None), weights[:, 70:])])
+    g_packed = packed_grads(converted, [((packed, position_ids), weights)])
+    g_alone = packed_grads(converted, [((docs[0], None), weights[:, :70]), ((docs[1], None), weights[:, 70:])])
     assert max(rel_err(g_packed[n], g_alone[n]) for n in g_alone) <= 1e-5

@@ -112,8 +112,7 @@ class SelfAttention(nn.Module):
             if attention_mask is not None:
                 raise ValueError("ring sequence parallelism runs attention without a mask; batch sequences of "
                                  "one length (no padding) or use mode='all_to_all'")
-            dropout_p = self.attention_dropout if self.training else 0.0
-            k, v = spm.repeat_kv(k, self.num_heads), spm.repeat_kv(v, self.num_heads)
+            dropout_p = self.attention_dropout if self.training else 0.0   # GQA: attention() repeats k, v
             return kept_attention.attention(q, k, v, is_causal=self.causal, dropout_p=dropout_p,
                                             cuda_backend=self.sdpa_backend, ring=sp)
         if sp.mode == "all_to_all":
