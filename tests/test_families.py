@@ -316,3 +316,26 @@ def test_untested_true_converts_and_says_so(capsys):
     assert "(not a tested family)" in capsys.readouterr().out
     assert converted.reversible_report.reversible == [0, 1]
     assert converted.reversible_report.gap_max_abs == 0.0
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_lean_rmsnorm_tiles_and_partial_gradients_change_nothing(family, monkeypatch):
+    """Several row tiles (tiles of 3 rows, 38 rows) and asking for one gradient at a time give the very
+    numbers of one tile and both gradients: each row's gradient and the weight's sum do not depend on the
+    tiling (the weight's sum only through float32 addition order, checked to 1e-6)."""
+    import revnet_zero.conversion.rmsnorm as rms
+    norm = copy.deepcopy(next(iter(norms_in_layers(build(family))))).train()
+    with torch.no_grad():
+        norm.weight.uniform_(-0.5, 1.5)
+    assert lean_rmsnorm(norm)
+    width = norm.weight.shape[0]
+    x = torch.randn(2, 19, width, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    d = torch.randn(2, 19, width, generator=torch.Generator().manual_seed(3))
+
+    def grads(wrt):
+        return torch.autograd.grad(norm(x), wrt, d)
+    dx, dw = grads([x, norm.weight])
+    monkeypatch.setattr(rms, "ROWS_ELEMENTS", 3 * width)
+    dx_tiled, dw_tiled = grads([x, norm.weight])
+    assert torch.equal(dx_tiled, dx) and rel_err(dw_tiled, dw) <= 1e-6
+    assert torch.equal(grads([x])[0], dx_tiled) and torch.equal(grads([norm.weight])[0], dw_tiled)

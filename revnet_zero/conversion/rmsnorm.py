@@ -74,23 +74,14 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        x, weight, r = ctx.saved_tensors
-        D = x.shape[-1]
-        xs, rs, ds = x.reshape(-1, D), r.reshape(-1, 1), dout.reshape(-1, D)
-        dx = torch.empty_like(xs) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros(D, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
-        step = max(1, ROWS_ELEMENTS // D)
-        for i in range(0, xs.shape[0], step):
-            h = xs[i:i + step].to(torch.float32)
-            n = h * rs[i:i + step]                            # as forward, before the cast
-            d = ds[i:i + step]
-            if dw is not None:                                # out = weight * cast(n)
-                dw += (d * n.to(x.dtype)).to(torch.float32).sum(0)
-            if dx is not None:
-                dn = (d * weight).to(x.dtype).to(torch.float32)   # autograd's casts: to cast(n)'s dtype, then up
-                dx[i:i + step] = rs[i:i + step] * (dn - n * (dn * n).mean(-1, keepdim=True))
-        return (dx.view_as(x) if dx is not None else None,
-                dw.to(weight.dtype) if dw is not None else None, None)
+        x, weight = ctx.saved_tensors[:2]
+
+        def grads(n, d, need_w, need_x):                      # out = weight * cast(n)
+            dw = (d * n.to(x.dtype)).to(torch.float32).sum(0) if need_w else None
+            # autograd's casts: to cast(n)'s dtype, then up
+            dn = (d * weight).to(x.dtype).to(torch.float32) if need_x else None
+            return dw, dn
+        return _tiled_backward(ctx, dout, grads)
 
 
 class _OnePlusRMSNorm(torch.autograd.Function):
@@ -105,20 +96,31 @@ class _OnePlusRMSNorm(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        x, weight, r = ctx.saved_tensors
-        D = x.shape[-1]
-        xs, rs, ds = x.reshape(-1, D), r.reshape(-1, 1), dout.reshape(-1, D)
-        dx = torch.empty_like(xs) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros(D, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
-        scale = 1.0 + weight.float()
-        step = max(1, ROWS_ELEMENTS // D)
-        for i in range(0, xs.shape[0], step):
-            n = xs[i:i + step].to(torch.float32) * rs[i:i + step]
-            d = ds[i:i + step].to(torch.float32)              # the cast back's gradient, in float32
-            if dw is not None:
-                dw += (d * n).sum(0)
-            if dx is not None:
-                dn = d * scale
-                dx[i:i + step] = rs[i:i + step] * (dn - n * (dn * n).mean(-1, keepdim=True))
-        return (dx.view_as(x) if dx is not None else None,
-                dw.to(weight.dtype) if dw is not None else None, None)
+        scale = 1.0 + ctx.saved_tensors[1].float()
+
+        def grads(n, d, need_w, need_x):
+            d = d.to(torch.float32)                           # the cast back's gradient, in float32
+            return (d * n).sum(0) if need_w else None, d * scale if need_x else None
+        return _tiled_backward(ctx, dout, grads)
+
+
+def _tiled_backward(ctx, dout: Tensor, grads) -> tuple[Tensor | None, Tensor | None, None]:
+    """Both norms' backward, ``ROWS_ELEMENTS`` at a time. ``grads(n, d, need_w, need_x)`` gives a tile's
+    weight gradient (float32, summed over its rows) and the gradient at its float32 normalised rows ``n``
+    (as forward, before any cast) from the output gradient ``d``, each only when needed (else None);
+    the step through ``1/rms`` is the same for both norms."""
+    x, weight, r = ctx.saved_tensors
+    D = x.shape[-1]
+    xs, rs, ds = x.reshape(-1, D), r.reshape(-1, 1), dout.reshape(-1, D)
+    need_x, need_w = ctx.needs_input_grad[:2]
+    dx = torch.empty_like(xs) if need_x else None
+    dw = torch.zeros(D, dtype=torch.float32, device=x.device) if need_w else None
+    step = max(1, ROWS_ELEMENTS // D)
+    for i in range(0, xs.shape[0], step):
+        n = xs[i:i + step].to(torch.float32) * rs[i:i + step]
+        dw_tile, dn = grads(n, ds[i:i + step], need_w, need_x)
+        if need_w:
+            dw += dw_tile
+        if need_x:
+            dx[i:i + step] = rs[i:i + step] * (dn - n * (dn * n).mean(-1, keepdim=True))
+    return dx.view_as(x) if need_x else None, dw.to(weight.dtype) if need_w else None, None
