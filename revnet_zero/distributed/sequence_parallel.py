@@ -12,8 +12,8 @@ local shard unchanged; only attention needs other ranks' tokens. Two exact ways 
   queries and gathers the keys and values of the ranks before it, then attends with a causal mask
   aligned to the lower right. Any head count; causal models only.
 * ``'ring'`` (ring attention, PyTorch's context-parallel implementation; ``ring.py``): key/value
-  shards travel round the ring one at a time and the partial outputs are merged by logsumexp, so no
-  rank ever holds more than two shards of keys and values. Any head count, causal or not; causal
+  shards travel round the ring one at a time and the partial outputs are merged by logsumexp, so a
+  rank holds the shard in use and the one arriving, not all of them. Any head count, causal or not; causal
   sequences are cut into ``2N`` chunks and rank ``r`` holds chunks ``r`` and ``2N - 1 - r``, so the
   causal work is even over the ranks.
 
